@@ -1,0 +1,244 @@
+//! The home shard's view of its channels: subscriber counts per shard (to route a publish only to
+//! shards that have subscribers, and to answer the HTTP API exactly) and presence members.
+
+use super::ChannelKey;
+use crate::protocol::json::push_str_literal;
+use ahash::AHashMap;
+
+pub struct Member {
+    /// Compact JSON of the first socket's `user_info` (kept until that user leaves).
+    pub info: String,
+    pub sockets: u32,
+}
+
+pub struct HomeChannel {
+    /// Subscribed sockets on each shard.
+    pub per_shard: Vec<u32>,
+    pub total: u32,
+    /// Presence channels only: user id -> member, in join order.
+    pub members: Option<Vec<(String, Member)>>,
+}
+
+/// What a join did to a presence channel.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined {
+    Socket,
+    /// The user's first socket: announce `member_added`.
+    NewMember,
+}
+
+impl HomeChannel {
+    fn new(shards: usize) -> HomeChannel {
+        HomeChannel {
+            per_shard: vec![0; shards],
+            total: 0,
+            members: None,
+        }
+    }
+
+    pub fn user_count(&self) -> u32 {
+        self.members.as_ref().map_or(0, |m| m.len() as u32)
+    }
+
+    /// Shards that have at least one subscriber.
+    pub fn shards(&self) -> impl Iterator<Item = usize> + '_ {
+        self.per_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, _)| i)
+    }
+
+    /// `{"presence":{"ids":[..],"hash":{..},"count":n}}`: every id is a key of `hash`.
+    pub fn presence_json(&self) -> String {
+        let members = self.members.as_deref().unwrap_or(&[]);
+        let mut out = Vec::with_capacity(40 + members.len() * 32);
+        out.extend_from_slice(b"{\"presence\":{\"ids\":[");
+        for (i, (id, _)) in members.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_str_literal(&mut out, id);
+        }
+        out.extend_from_slice(b"],\"hash\":{");
+        for (i, (id, m)) in members.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_str_literal(&mut out, id);
+            out.push(b':');
+            out.extend_from_slice(m.info.as_bytes());
+        }
+        out.extend_from_slice(format!("}},\"count\":{}}}}}", members.len()).as_bytes());
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+pub struct HomeChannels {
+    shards: usize,
+    channels: AHashMap<ChannelKey, HomeChannel>,
+}
+
+impl HomeChannels {
+    pub fn new(shards: usize) -> HomeChannels {
+        HomeChannels {
+            shards,
+            channels: AHashMap::new(),
+        }
+    }
+
+    pub fn get(&self, key: &ChannelKey) -> Option<&HomeChannel> {
+        self.channels.get(key)
+    }
+
+    /// Counts a socket from `shard`. For presence, `member` is (user id, user_info JSON) and
+    /// `max_members` caps distinct users: a new user over the cap is refused.
+    pub fn join(
+        &mut self,
+        key: &ChannelKey,
+        shard: usize,
+        member: Option<(&str, &str)>,
+        max_members: u32,
+    ) -> Result<Joined, String> {
+        let shards = self.shards;
+        let channel = self
+            .channels
+            .entry(key.clone())
+            .or_insert_with(|| HomeChannel::new(shards));
+        let mut joined = Joined::Socket;
+        if let Some((user_id, info)) = member {
+            let members = channel.members.get_or_insert_with(Vec::new);
+            match members.iter_mut().find(|(id, _)| id == user_id) {
+                Some((_, m)) => m.sockets += 1,
+                None => {
+                    if members.len() as u32 >= max_members {
+                        if channel.total == 0 {
+                            self.channels.remove(key);
+                        }
+                        return Err(format!(
+                            "Presence channel {} is full: it allows {max_members} members",
+                            key.name
+                        ));
+                    }
+                    members.push((
+                        user_id.to_owned(),
+                        Member {
+                            info: info.to_owned(),
+                            sockets: 1,
+                        },
+                    ));
+                    joined = Joined::NewMember;
+                }
+            }
+        }
+        channel.per_shard[shard] += 1;
+        channel.total += 1;
+        Ok(joined)
+    }
+
+    /// Uncounts a socket. Returns true when it was the user's last socket (announce `member_removed`).
+    pub fn leave(&mut self, key: &ChannelKey, shard: usize, user_id: Option<&str>) -> bool {
+        let Some(channel) = self.channels.get_mut(key) else {
+            return false;
+        };
+        channel.per_shard[shard] = channel.per_shard[shard].saturating_sub(1);
+        channel.total = channel.total.saturating_sub(1);
+        let mut last = false;
+        if let (Some(user_id), Some(members)) = (user_id, channel.members.as_mut()) {
+            if let Some(i) = members.iter().position(|(id, _)| id == user_id) {
+                members[i].1.sockets -= 1;
+                if members[i].1.sockets == 0 {
+                    members.remove(i);
+                    last = true;
+                }
+            }
+        }
+        if channel.total == 0 {
+            self.channels.remove(key);
+        }
+        last
+    }
+
+    /// Occupied channels of `app` whose name starts with `prefix`.
+    pub fn occupied<'a>(
+        &'a self,
+        app: u32,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a ChannelKey, &'a HomeChannel)> {
+        self.channels
+            .iter()
+            .filter(move |(k, c)| k.app == app && c.total > 0 && k.name.starts_with(prefix))
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_member_per_user_however_many_sockets() {
+        let mut h = HomeChannels::new(2);
+        let k = ChannelKey::new(0, "presence-r");
+        assert_eq!(
+            h.join(&k, 0, Some(("1", "{\"n\":1}")), 100),
+            Ok(Joined::NewMember)
+        );
+        assert_eq!(
+            h.join(&k, 1, Some(("1", "{\"n\":2}")), 100),
+            Ok(Joined::Socket)
+        );
+        assert_eq!(
+            h.join(&k, 1, Some(("2", "null")), 100),
+            Ok(Joined::NewMember)
+        );
+        let c = h.get(&k).unwrap();
+        assert_eq!(
+            (c.total, c.user_count(), c.per_shard.clone()),
+            (3, 2, vec![1, 2])
+        );
+        // The first socket's info is kept.
+        assert_eq!(
+            c.presence_json(),
+            r#"{"presence":{"ids":["1","2"],"hash":{"1":{"n":1},"2":null},"count":2}}"#
+        );
+        assert!(!h.leave(&k, 0, Some("1")));
+        assert!(h.leave(&k, 1, Some("1")));
+        assert!(h.leave(&k, 1, Some("2")));
+        assert!(h.get(&k).is_none(), "an empty channel is dropped");
+    }
+
+    #[test]
+    fn member_limit_refuses_new_users_only() {
+        let mut h = HomeChannels::new(1);
+        let k = ChannelKey::new(0, "presence-r");
+        h.join(&k, 0, Some(("1", "null")), 1).unwrap();
+        assert!(h.join(&k, 0, Some(("2", "null")), 1).is_err());
+        assert_eq!(h.join(&k, 0, Some(("1", "null")), 1), Ok(Joined::Socket));
+        assert_eq!(h.get(&k).unwrap().total, 2);
+        let empty = ChannelKey::new(0, "presence-e");
+        assert!(h.join(&empty, 0, Some(("1", "null")), 0).is_err());
+        assert!(h.get(&empty).is_none());
+    }
+
+    #[test]
+    fn shards_with_subscribers_and_prefix_listing() {
+        let mut h = HomeChannels::new(3);
+        let a = ChannelKey::new(0, "news");
+        let b = ChannelKey::new(1, "news");
+        h.join(&a, 2, None, 100).unwrap();
+        h.join(&b, 0, None, 100).unwrap();
+        assert_eq!(h.get(&a).unwrap().shards().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(h.occupied(0, "ne").count(), 1);
+        assert_eq!(h.occupied(0, "x").count(), 0);
+        assert!(!h.leave(&a, 2, None));
+        assert_eq!(h.len(), 1);
+    }
+}

@@ -1,0 +1,466 @@
+//! Configuration: defaults < TOML file (`--config`) < environment (`SHARDPUSH_*`) < command line.
+//! Every error names where the bad value came from, the key and the reason.
+
+use serde::Deserialize;
+use std::fmt;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listen address (WebSocket and HTTP API on one port).
+    pub host: String,
+    pub port: u16,
+    /// Optional second port that serves only the HTTP API.
+    pub api_port: Option<u16>,
+    /// Number of shards (executor threads); 0 = one per available CPU.
+    pub shards: usize,
+    /// Seconds of client silence before the server pings; sent to clients in the handshake.
+    pub activity_timeout: u32,
+    /// Seconds to wait for any reply to a ping before closing with 4201.
+    pub pong_timeout: u32,
+    /// Outbound bytes queued for one connection before it is closed with 4100 as a slow consumer.
+    pub max_outbound_queue_bytes: usize,
+    /// Largest WebSocket message accepted from a client; larger ones are discarded with an error.
+    pub max_ws_message_bytes: usize,
+    /// Largest HTTP request body; larger requests get 413.
+    pub max_request_body_bytes: usize,
+    /// Connections the whole server accepts before answering 4100 "Over capacity"; 0 = no limit.
+    pub max_connections: usize,
+    /// Accept connections that send no `protocol` parameter (treated as 7). Strict mode answers 4008.
+    pub allow_missing_protocol: bool,
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    pub enabled: bool,
+    /// Concurrent connections for this app; 0 = no limit.
+    pub max_connections: u32,
+    pub enable_client_messages: bool,
+    pub max_client_events_per_second: u32,
+    pub max_presence_members: u32,
+    pub max_presence_member_size_bytes: u32,
+    pub max_event_payload_bytes: u32,
+    pub max_channel_name_length: u32,
+    pub max_event_name_length: u32,
+    pub max_event_channels_at_once: u32,
+    pub max_event_batch_size: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "0.0.0.0".into(),
+            port: 6001,
+            api_port: None,
+            shards: 0,
+            activity_timeout: 120,
+            pong_timeout: 30,
+            max_outbound_queue_bytes: 1 << 20,
+            max_ws_message_bytes: 64 * 1024,
+            max_request_body_bytes: 1 << 20,
+            max_connections: 0,
+            allow_missing_protocol: true,
+            apps: Vec::new(),
+        }
+    }
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            id: String::new(),
+            key: String::new(),
+            secret: String::new(),
+            enabled: true,
+            max_connections: 0,
+            enable_client_messages: false,
+            max_client_events_per_second: 10,
+            max_presence_members: 100,
+            max_presence_member_size_bytes: 1024,
+            max_event_payload_bytes: 10 * 1024,
+            max_channel_name_length: 164,
+            max_event_name_length: 200,
+            max_event_channels_at_once: 100,
+            max_event_batch_size: 10,
+        }
+    }
+}
+
+/// A configuration problem: where it came from, which key, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "configuration error in {}: {}: {}",
+            self.source, self.key, self.reason
+        )
+    }
+}
+
+fn err(source: &str, key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        source: source.into(),
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+pub const DEV_APP: (&str, &str, &str) = ("app-id", "app-key", "app-secret");
+
+/// What the command line asked for.
+#[derive(Debug, Default)]
+pub struct Cli {
+    pub config_file: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub api_port: Option<u16>,
+    pub shards: Option<usize>,
+    pub help: bool,
+    pub version: bool,
+}
+
+pub const HELP: &str = "\
+shardpush: a Pusher Channels protocol server (WebSocket protocol 7 + HTTP API), thread-per-core.
+
+USAGE:
+    shardpush [OPTIONS]
+
+OPTIONS:
+    -c, --config <FILE>    TOML configuration file (see README.md for every key)
+        --host <ADDR>      Listen address [env SHARDPUSH_HOST; default 0.0.0.0]
+    -p, --port <PORT>      Port for WebSocket and HTTP API [env SHARDPUSH_PORT; default 6001; 0 = any free port]
+        --api-port <PORT>  Also serve the HTTP API alone on this port
+        --shards <N>       Executor threads, one per core [env SHARDPUSH_SHARDS; default: available CPUs]
+    -h, --help             Print this help
+    -V, --version          Print the version
+
+ENVIRONMENT:
+    SHARDPUSH_APP_ID, SHARDPUSH_APP_KEY, SHARDPUSH_APP_SECRET
+                           Add (or replace, by id) one app. With no app configured at all,
+                           the development app app-id / app-key / app-secret is served.
+";
+
+impl Cli {
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError> {
+        let mut cli = Cli::default();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| err("command line", name, "needs a value"))
+            };
+            match flag.as_str() {
+                "-h" | "--help" => cli.help = true,
+                "-V" | "--version" => cli.version = true,
+                "-c" | "--config" => cli.config_file = Some(value("--config")?),
+                "--host" => cli.host = Some(value("--host")?),
+                "-p" | "--port" => {
+                    cli.port = Some(parse_num("command line", "--port", &value("--port")?)?)
+                }
+                "--api-port" => {
+                    cli.api_port = Some(parse_num(
+                        "command line",
+                        "--api-port",
+                        &value("--api-port")?,
+                    )?)
+                }
+                "--shards" => {
+                    cli.shards = Some(parse_num("command line", "--shards", &value("--shards")?)?)
+                }
+                other => return Err(err("command line", other, "unknown option (see --help)")),
+            }
+        }
+        Ok(cli)
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(source: &str, key: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| err(source, key, format!("'{v}' is not a valid number")))
+}
+
+impl Config {
+    /// Builds the effective configuration. `env` is the process environment (injected for tests).
+    pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config = match &cli.config_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err(path, "(file)", format!("cannot read: {e}")))?;
+                Config::from_toml(&text, path)?
+            }
+            None => Config::default(),
+        };
+        const ENV: &str = "environment";
+        if let Some(v) = env("SHARDPUSH_HOST") {
+            config.host = v;
+        }
+        if let Some(v) = env("SHARDPUSH_PORT") {
+            config.port = parse_num(ENV, "SHARDPUSH_PORT", &v)?;
+        }
+        if let Some(v) = env("SHARDPUSH_SHARDS") {
+            config.shards = parse_num(ENV, "SHARDPUSH_SHARDS", &v)?;
+        }
+        let env_app = (
+            env("SHARDPUSH_APP_ID"),
+            env("SHARDPUSH_APP_KEY"),
+            env("SHARDPUSH_APP_SECRET"),
+        );
+        match env_app {
+            (Some(id), Some(key), Some(secret)) => {
+                config.apps.retain(|a| a.id != id);
+                config.apps.push(AppConfig {
+                    id,
+                    key,
+                    secret,
+                    ..AppConfig::default()
+                });
+            }
+            (None, None, None) => {}
+            _ => {
+                return Err(err(
+                    ENV,
+                    "SHARDPUSH_APP_ID/SHARDPUSH_APP_KEY/SHARDPUSH_APP_SECRET",
+                    "set all three or none",
+                ))
+            }
+        }
+        if let Some(h) = &cli.host {
+            config.host = h.clone();
+        }
+        if let Some(p) = cli.port {
+            config.port = p;
+        }
+        if cli.api_port.is_some() {
+            config.api_port = cli.api_port;
+        }
+        if let Some(s) = cli.shards {
+            config.shards = s;
+        }
+        if config.apps.is_empty() {
+            let (id, key, secret) = DEV_APP;
+            config.apps.push(AppConfig {
+                id: id.into(),
+                key: key.into(),
+                secret: secret.into(),
+                enable_client_messages: true,
+                ..AppConfig::default()
+            });
+        }
+        config.validate(cli.config_file.as_deref().unwrap_or("configuration"))?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str, source: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().to_owned();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "(document)".into());
+            err(source, &at, message)
+        })
+    }
+
+    fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        if self.activity_timeout == 0 {
+            return Err(err(
+                source,
+                "activity_timeout",
+                "must be at least 1 second (pusher-js rejects 0)",
+            ));
+        }
+        if self.pong_timeout == 0 {
+            return Err(err(source, "pong_timeout", "must be at least 1 second"));
+        }
+        if self.max_ws_message_bytes < 1024 {
+            return Err(err(source, "max_ws_message_bytes", "must be at least 1024"));
+        }
+        if self.max_outbound_queue_bytes < 64 * 1024 {
+            return Err(err(
+                source,
+                "max_outbound_queue_bytes",
+                "must be at least 65536",
+            ));
+        }
+        for (i, app) in self.apps.iter().enumerate() {
+            let key = |field: &str| format!("apps[{i}].{field}");
+            for (field, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
+                if value.is_empty() {
+                    return Err(err(
+                        source,
+                        &key(field),
+                        "is required and must not be empty",
+                    ));
+                }
+            }
+            if app.key.contains(['/', '?', '#', ':']) {
+                return Err(err(
+                    source,
+                    &key("key"),
+                    "must not contain '/', '?', '#' or ':'",
+                ));
+            }
+            if app.id.contains(['/', '?', '#']) {
+                return Err(err(source, &key("id"), "must not contain '/', '?' or '#'"));
+            }
+            for (j, other) in self.apps.iter().enumerate().take(i) {
+                if other.id == app.id {
+                    return Err(err(
+                        source,
+                        &key("id"),
+                        format!("duplicates apps[{j}].id '{}'", app.id),
+                    ));
+                }
+                if other.key == app.key {
+                    return Err(err(
+                        source,
+                        &key("key"),
+                        format!("duplicates the key of apps[{j}]"),
+                    ));
+                }
+            }
+            let positive = [
+                (
+                    "max_client_events_per_second",
+                    app.max_client_events_per_second,
+                ),
+                ("max_presence_members", app.max_presence_members),
+                (
+                    "max_presence_member_size_bytes",
+                    app.max_presence_member_size_bytes,
+                ),
+                ("max_event_payload_bytes", app.max_event_payload_bytes),
+                ("max_event_name_length", app.max_event_name_length),
+                ("max_event_channels_at_once", app.max_event_channels_at_once),
+                ("max_event_batch_size", app.max_event_batch_size),
+            ];
+            for (field, value) in positive {
+                if value == 0 {
+                    return Err(err(source, &key(field), "must be greater than 0"));
+                }
+            }
+            if !(1..=200).contains(&app.max_channel_name_length) {
+                return Err(err(
+                    source,
+                    &key("max_channel_name_length"),
+                    "must be between 1 and 200",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_dev_app_only(&self) -> bool {
+        self.apps.len() == 1 && self.apps[0].id == DEV_APP.0 && self.apps[0].secret == DEV_APP.2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_serve_the_development_app() {
+        let c = Config::load(&Cli::default(), &no_env).unwrap();
+        assert_eq!(c.port, 6001);
+        assert_eq!(c.apps.len(), 1);
+        assert_eq!(c.apps[0].key, "app-key");
+        assert!(c.is_dev_app_only());
+        assert_eq!(c.activity_timeout, 120);
+    }
+
+    #[test]
+    fn toml_apps_and_limits() {
+        let c = Config::from_toml(
+            "port = 7000\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nmax_presence_members = 5\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.port, 7000);
+        assert_eq!(c.apps[0].max_presence_members, 5);
+        assert_eq!(c.apps[0].max_event_payload_bytes, 10240);
+        assert_eq!(c.apps[0].max_channel_name_length, 164);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_name_file_and_line() {
+        let e = Config::from_toml("port = 1\nprot = 2\n", "x.toml").unwrap_err();
+        assert_eq!(e.source, "x.toml");
+        assert_eq!(e.key, "line 2");
+        assert!(e.reason.contains("prot"), "{e}");
+        let e = Config::from_toml("port = \"abc\"\n", "x.toml").unwrap_err();
+        assert!(e.to_string().contains("x.toml"));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config::from_toml(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(c.validate("f.toml").unwrap_err().key, "apps[0].secret");
+        c.apps[0].secret = "s".into();
+        c.apps.push(c.apps[0].clone());
+        assert_eq!(c.validate("f.toml").unwrap_err().key, "apps[1].id");
+    }
+
+    #[test]
+    fn env_overrides_and_env_app() {
+        let env = |k: &str| match k {
+            "SHARDPUSH_PORT" => Some("7001".to_owned()),
+            "SHARDPUSH_APP_ID" => Some("9".to_owned()),
+            "SHARDPUSH_APP_KEY" => Some("kk".to_owned()),
+            "SHARDPUSH_APP_SECRET" => Some("ss".to_owned()),
+            _ => None,
+        };
+        let c = Config::load(&Cli::default(), &env).unwrap();
+        assert_eq!(c.port, 7001);
+        assert_eq!(c.apps.len(), 1);
+        assert_eq!(c.apps[0].key, "kk");
+        let partial = |k: &str| (k == "SHARDPUSH_APP_ID").then(|| "1".to_owned());
+        assert!(Config::load(&Cli::default(), &partial).is_err());
+        let bad = |k: &str| (k == "SHARDPUSH_PORT").then(|| "x".to_owned());
+        assert_eq!(
+            Config::load(&Cli::default(), &bad).unwrap_err().key,
+            "SHARDPUSH_PORT"
+        );
+    }
+
+    #[test]
+    fn cli_flags() {
+        let args = ["--port", "0", "--shards=2", "-c", "f.toml"].map(String::from);
+        let cli = Cli::parse(args).unwrap();
+        assert_eq!(cli.port, Some(0));
+        assert_eq!(cli.shards, Some(2));
+        assert_eq!(cli.config_file.as_deref(), Some("f.toml"));
+        assert!(Cli::parse(["--nope".to_owned()]).is_err());
+        assert!(Cli::parse(["--port".to_owned()]).is_err());
+    }
+}

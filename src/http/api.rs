@@ -1,0 +1,472 @@
+//! The signed Pusher HTTP API (reference §5): trigger, batch trigger, channel queries.
+//! Counts come from each channel's home shard, so they are exact across shards.
+
+use super::signature::{self, get, parse_query, percent_decode, Query as Params};
+use super::Head;
+use crate::channels::ChannelKey;
+use crate::config::AppConfig;
+use crate::protocol::channel::{validate_name, ChannelKind};
+use crate::protocol::events::{self, Data};
+use crate::protocol::json::{self, str_literal};
+use crate::shard::messages::{ChannelStats, Query, QueryReply};
+use crate::shard::Shard;
+use serde::Deserialize;
+use sonic_rs::{JsonValueTrait, LazyValue};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+fn ok(body: String) -> Reply {
+    Reply {
+        status: 200,
+        content_type: "application/json",
+        body,
+    }
+}
+
+fn fail(status: u16, message: impl AsRef<str>) -> Reply {
+    Reply {
+        status,
+        content_type: "application/json",
+        body: format!("{{\"error\":{}}}", str_literal(message.as_ref())),
+    }
+}
+
+pub async fn handle(shard: &Shard, head: &Head, body: &[u8]) -> Reply {
+    let (path, raw_query) = head.path_and_query();
+    if path == "/" || path == "/health" || path == "/ready" {
+        return Reply {
+            status: 200,
+            content_type: "text/plain",
+            body: "OK".into(),
+        };
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["apps", app_id, rest @ ..] = segments.as_slice() else {
+        return fail(404, format!("Not found: {path}"));
+    };
+    let Some(app) = shard.shared.app_by_id(&percent_decode(app_id)) else {
+        return fail(404, format!("Unknown app id {app_id}"));
+    };
+    let config = shard.shared.app(app);
+    let params = parse_query(raw_query);
+    if let Err(reply) = authenticate(config, &head.method, path, &params, body) {
+        return reply;
+    }
+    if !config.enabled {
+        return fail(403, "Application disabled");
+    }
+    let method = head.method.as_str();
+    match (method, rest) {
+        ("POST", ["events"]) => trigger(shard, app, config, body).await,
+        ("POST", ["batch_events"]) => batch(shard, app, config, body).await,
+        ("GET", ["channels"]) => list_channels(shard, app, &params).await,
+        ("GET", ["channels", channel]) => {
+            channel_info(shard, app, &percent_decode(channel), &params).await
+        }
+        ("GET", ["channels", channel, "users"]) => {
+            channel_users(shard, app, &percent_decode(channel)).await
+        }
+        (
+            _,
+            ["events"]
+            | ["batch_events"]
+            | ["channels"]
+            | ["channels", _]
+            | ["channels", _, "users"],
+        ) => fail(405, format!("Method {method} not allowed on {path}")),
+        _ => fail(404, format!("Not found: {path}")),
+    }
+}
+
+fn authenticate(
+    app: &AppConfig,
+    method: &str,
+    path: &str,
+    params: &Params,
+    body: &[u8],
+) -> Result<(), Reply> {
+    let Some(key) = get(params, "auth_key") else {
+        return Err(fail(401, "Missing required parameter: auth_key"));
+    };
+    if !crate::auth::constant_time_eq(key.as_bytes(), app.key.as_bytes()) {
+        return Err(fail(401, format!("Unknown auth_key: {key}")));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    signature::verify(method, path, params, body, &app.secret, now).map_err(|e| fail(401, e.0))
+}
+
+/// One event as the API receives it (`/events` body, or one `batch` item).
+#[derive(Deserialize)]
+struct EventIn<'a> {
+    #[serde(borrow, default)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<LazyValue<'a>>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(borrow, default)]
+    socket_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    info: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// An event that passed validation: ready to encode per channel.
+struct Event {
+    name: String,
+    /// `data` as a JSON string literal (as received when it was a string).
+    data: String,
+    channels: Vec<String>,
+    except: Option<u64>,
+    info: Vec<String>,
+}
+
+fn validate(
+    shard: &Shard,
+    app: &AppConfig,
+    input: EventIn<'_>,
+    single_channel: bool,
+) -> Result<Event, Reply> {
+    let name = input
+        .name
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| fail(400, "Missing event name"))?;
+    if name.len() > app.max_event_name_length as usize {
+        return Err(fail(
+            400,
+            format!(
+                "Event name is longer than {} characters",
+                app.max_event_name_length
+            ),
+        ));
+    }
+    if name.starts_with("pusher:") || name.starts_with("pusher_internal:") {
+        return Err(fail(
+            400,
+            "Event names starting with pusher: or pusher_internal: are reserved",
+        ));
+    }
+    let data = input.data.ok_or_else(|| fail(400, "Missing event data"))?;
+    let (literal, size) = if data.is_str() {
+        let raw = data.as_raw_str();
+        // The decoded size is at most the raw size; decode only when it could matter.
+        let size = if raw.len() - 2 > app.max_event_payload_bytes as usize {
+            sonic_rs::from_str::<String>(raw)
+                .map(|s| s.len())
+                .unwrap_or(raw.len())
+        } else {
+            raw.len() - 2
+        };
+        (raw.to_owned(), size)
+    } else {
+        let compact =
+            json::compact(data.as_raw_str()).ok_or_else(|| fail(400, "Invalid event data"))?;
+        let size = compact.len();
+        (str_literal(&compact), size)
+    };
+    if size > app.max_event_payload_bytes as usize {
+        let limit = app.max_event_payload_bytes;
+        return Err(fail(
+            413,
+            format!("Event data is {size} bytes; the limit is {limit} bytes"),
+        ));
+    }
+    let channels = match (input.channels, input.channel) {
+        (Some(list), None) => list,
+        (None, Some(one)) => vec![one],
+        (Some(_), Some(_)) => return Err(fail(400, "Give either channels or channel, not both")),
+        (None, None) => return Err(fail(400, "Missing channels")),
+    };
+    if channels.is_empty() {
+        return Err(fail(400, "channels must not be empty"));
+    }
+    if single_channel && channels.len() != 1 {
+        return Err(fail(400, "A batch event goes to exactly one channel"));
+    }
+    let max = app.max_event_channels_at_once as usize;
+    if channels.len() > max {
+        return Err(fail(
+            400,
+            format!("An event can go to at most {max} channels"),
+        ));
+    }
+    for channel in &channels {
+        match ChannelKind::of(channel) {
+            ChannelKind::ServerToUser => {}
+            _ => validate_name(channel, app.max_channel_name_length as usize)
+                .map_err(|m| fail(400, m))?,
+        }
+    }
+    if channels.len() > 1
+        && channels
+            .iter()
+            .any(|c| ChannelKind::of(c) == ChannelKind::PrivateEncrypted)
+    {
+        return Err(fail(
+            400,
+            "Cannot trigger to several channels when one of them is private-encrypted-",
+        ));
+    }
+    let except = match input.socket_id {
+        None => None,
+        Some(id) => {
+            let valid = id.split_once('.').is_some_and(|(a, b)| {
+                !a.is_empty()
+                    && !b.is_empty()
+                    && a.bytes().all(|c| c.is_ascii_digit())
+                    && b.bytes().all(|c| c.is_ascii_digit())
+            });
+            if !valid {
+                return Err(fail(400, format!("Invalid socket_id '{id}'")));
+            }
+            // A socket id of another node matches no socket here.
+            Some(shard.shared.conn_id_of(&id).unwrap_or(u64::MAX))
+        }
+    };
+    let info = input
+        .info
+        .map(|s| {
+            s.split(',')
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Event {
+        name: name.into_owned(),
+        data: literal,
+        channels,
+        except,
+        info,
+    })
+}
+
+fn publish(shard: &Shard, app: u32, event: &Event) {
+    for channel in &event.channels {
+        let frame = events::frame(&event.name, Some(channel), Data::Raw(&event.data), None);
+        shard.publish(ChannelKey::new(app, channel), frame, event.except);
+    }
+}
+
+/// `{"name":{"user_count":1,"subscription_count":2},...}` for the requested attributes.
+async fn info_json(shard: &Shard, app: u32, channels: &[String], info: &[String]) -> String {
+    let want_users = info.iter().any(|a| a == "user_count");
+    let want_subs = info.iter().any(|a| a == "subscription_count");
+    let mut out = String::from("{");
+    let mut seen: Vec<&str> = Vec::new();
+    for channel in channels {
+        if seen.contains(&channel.as_str()) {
+            continue;
+        }
+        seen.push(channel);
+        let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
+        if seen.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(&str_literal(channel));
+        out.push(':');
+        out.push_str(&stats_json(
+            &stats,
+            want_users && ChannelKind::of(channel) == ChannelKind::Presence,
+            want_subs,
+            None,
+        ));
+    }
+    out.push('}');
+    out
+}
+
+fn stats_json(stats: &ChannelStats, users: bool, subs: bool, occupied: Option<bool>) -> String {
+    let mut fields = Vec::new();
+    if let Some(o) = occupied {
+        fields.push(format!("\"occupied\":{o}"));
+    }
+    if users {
+        fields.push(format!("\"user_count\":{}", stats.user_count));
+    }
+    if subs {
+        fields.push(format!(
+            "\"subscription_count\":{}",
+            stats.subscription_count
+        ));
+    }
+    format!("{{{}}}", fields.join(","))
+}
+
+async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
+    let input: EventIn<'_> = match sonic_rs::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return fail(400, format!("Invalid JSON body: {e}")),
+    };
+    let event = match validate(shard, config, input, false) {
+        Ok(e) => e,
+        Err(reply) => return reply,
+    };
+    shard.backpressure().await;
+    publish(shard, app, &event);
+    if event.info.is_empty() {
+        return ok("{}".into());
+    }
+    ok(format!(
+        "{{\"channels\":{}}}",
+        info_json(shard, app, &event.channels, &event.info).await
+    ))
+}
+
+async fn batch(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
+    #[derive(Deserialize)]
+    struct BatchIn<'a> {
+        #[serde(borrow)]
+        batch: Vec<EventIn<'a>>,
+    }
+    let input: BatchIn<'_> = match sonic_rs::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(
+                400,
+                format!("Invalid JSON body (expected {{\"batch\":[...]}}): {e}"),
+            )
+        }
+    };
+    let max = config.max_event_batch_size as usize;
+    if input.batch.len() > max {
+        return fail(
+            400,
+            format!(
+                "A batch holds at most {max} events, got {}",
+                input.batch.len()
+            ),
+        );
+    }
+    let mut events = Vec::with_capacity(input.batch.len());
+    for (i, item) in input.batch.into_iter().enumerate() {
+        match validate(shard, config, item, true) {
+            Ok(e) => events.push(e),
+            Err(mut reply) => {
+                reply.body = format!(
+                    "{{\"error\":{}}}",
+                    str_literal(&format!("batch[{i}]: {}", reply.body))
+                );
+                return reply;
+            }
+        }
+    }
+    shard.backpressure().await;
+    for event in &events {
+        publish(shard, app, event);
+    }
+    if events.iter().all(|e| e.info.is_empty()) {
+        return ok("{}".into());
+    }
+    let mut items = Vec::with_capacity(events.len());
+    for event in &events {
+        let channel = &event.channels[0];
+        let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
+        let users = event.info.iter().any(|a| a == "user_count")
+            && ChannelKind::of(channel) == ChannelKind::Presence;
+        let subs = event.info.iter().any(|a| a == "subscription_count");
+        items.push(stats_json(&stats, users, subs, None));
+    }
+    ok(format!("{{\"batch\":[{}]}}", items.join(",")))
+}
+
+fn info_list(params: &Params) -> Vec<String> {
+    get(params, "info")
+        .map(|s| {
+            s.split(',')
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn list_channels(shard: &Shard, app: u32, params: &Params) -> Reply {
+    let prefix = get(params, "filter_by_prefix").unwrap_or("").to_owned();
+    let info = info_list(params);
+    let want_users = info.iter().any(|a| a == "user_count");
+    let want_subs = info.iter().any(|a| a == "subscription_count");
+    if want_users && !prefix.starts_with("presence-") {
+        return fail(400, "info=user_count needs filter_by_prefix=presence-");
+    }
+    let mut all: Vec<(String, ChannelStats)> = Vec::new();
+    for target in 0..shard.shared.shards {
+        if let QueryReply::List(list) = shard
+            .query(
+                target,
+                Query::List {
+                    app,
+                    prefix: prefix.clone(),
+                },
+            )
+            .await
+        {
+            all.extend(list);
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let entries: Vec<String> = all
+        .iter()
+        .map(|(name, stats)| {
+            format!(
+                "{}:{}",
+                str_literal(name),
+                stats_json(stats, want_users, want_subs, None)
+            )
+        })
+        .collect();
+    ok(format!("{{\"channels\":{{{}}}}}", entries.join(",")))
+}
+
+async fn channel_info(shard: &Shard, app: u32, channel: &str, params: &Params) -> Reply {
+    if let Err(message) = validate_name(
+        channel,
+        shard.shared.app(app).max_channel_name_length as usize,
+    ) {
+        return fail(400, message);
+    }
+    let info = info_list(params);
+    let presence = ChannelKind::of(channel) == ChannelKind::Presence;
+    let want_users = info.iter().any(|a| a == "user_count");
+    if want_users && !presence {
+        return fail(400, "info=user_count is only for presence channels");
+    }
+    let want_subs = info.iter().any(|a| a == "subscription_count");
+    let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
+    ok(stats_json(
+        &stats,
+        want_users,
+        want_subs,
+        Some(stats.subscription_count > 0),
+    ))
+}
+
+async fn channel_users(shard: &Shard, app: u32, channel: &str) -> Reply {
+    if ChannelKind::of(channel) != ChannelKind::Presence {
+        return fail(400, "Users can only be listed for presence channels");
+    }
+    if let Err(message) = validate_name(
+        channel,
+        shard.shared.app(app).max_channel_name_length as usize,
+    ) {
+        return fail(400, message);
+    }
+    let key = ChannelKey::new(app, channel);
+    let home = key.home(shard.shared.shards);
+    let QueryReply::Users(ids) = shard.query(home, Query::Users(key)).await else {
+        return ok("{\"users\":[]}".into());
+    };
+    let users: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{{\"id\":{}}}", str_literal(id)))
+        .collect();
+    ok(format!("{{\"users\":[{}]}}", users.join(",")))
+}

@@ -1,0 +1,7 @@
+//! The Pusher Channels wire protocol: channel names, JSON envelopes, WebSocket framing.
+//! Pure functions only; no I/O and no shard state.
+
+pub mod channel;
+pub mod events;
+pub mod json;
+pub mod ws;

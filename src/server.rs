@@ -1,0 +1,237 @@
+//! Process startup: reserve the port, start one pinned glommio executor per shard, join them
+//! into a channel mesh, bind SO_REUSEPORT listeners, and shut down cleanly on SIGINT/SIGTERM.
+
+use crate::config::Config;
+use crate::http;
+use crate::shard::messages::ShardMsg;
+use crate::shard::{session, Shard, Shared};
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+const MESH_CHANNEL_SIZE: usize = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+    (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot resolve host {host}"),
+        )
+    })
+}
+
+fn reuseport_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Binds (without listening) to learn the real port when 0 was asked for. The socket is kept so
+/// the port stays ours; it never listens, so it takes no connections from the shards.
+fn reserve(addr: SocketAddr) -> io::Result<(SocketAddr, Socket)> {
+    let socket = reuseport_socket(addr)?;
+    let bound = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an inet socket"))?;
+    Ok((bound, socket))
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = reuseport_socket(addr)?;
+    socket.listen(LISTEN_BACKLOG)?;
+    // SAFETY: the fd is a listening TCP socket we own; glommio takes ownership.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+pub fn shard_count(config: &Config) -> usize {
+    if config.shards > 0 {
+        config.shards
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Runs the server until SIGINT/SIGTERM. Returns an error if it could not start.
+pub fn run(config: Config) -> io::Result<()> {
+    let shards = shard_count(&config);
+    let (addr, _reserved) = reserve(resolve(&config.host, config.port)?).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot bind {}:{}: {e}", config.host, config.port),
+        )
+    })?;
+    let api = match config.api_port {
+        Some(port) => Some(reserve(resolve(&config.host, port)?)?),
+        None => None,
+    };
+    let api_addr = api.as_ref().map(|(a, _)| *a);
+    let dev_only = config.is_dev_app_only();
+    let app_list: Vec<String> = config
+        .apps
+        .iter()
+        .map(|a| format!("{} (key {})", a.id, a.key))
+        .collect();
+    let shared = Arc::new(Shared::new(config, shards));
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let for_signals = shared.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            eprintln!("shardpush: signal received, closing connections (4200) and stopping");
+            for_signals.shutdown.store(true, Ordering::Relaxed);
+        }
+    });
+
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mesh = MeshBuilder::<ShardMsg, _>::full(shards, MESH_CHANNEL_SIZE);
+    let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+    let mut handles = Vec::with_capacity(shards);
+    for id in 0..shards {
+        let (shared, mesh, ready) = (shared.clone(), mesh.clone(), ready_tx.clone());
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move { run_shard(id, shared, mesh, addr, api_addr, ready).await })
+            .map_err(|e| io::Error::other(format!("cannot start shard {id}: {e}")))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("a shard stopped during startup")),
+        }
+    }
+    println!(
+        "shardpush {} listening on {addr} (WebSocket /app/{{key}} and HTTP API)",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(a) = api_addr {
+        println!("shardpush HTTP API also on {a}");
+    }
+    println!("shardpush shards: {shards} (one glommio executor per core, SO_REUSEPORT)");
+    println!("shardpush apps: {}", app_list.join(", "));
+    if dev_only {
+        println!("shardpush: no app configured, serving the development app app-id / app-key / app-secret (do not use in production)");
+    }
+    for handle in handles {
+        let _ = handle.join();
+    }
+    let slow = shared.slow_consumer_closes.load(Ordering::Relaxed);
+    println!("shardpush stopped ({slow} slow-consumer disconnects)");
+    Ok(())
+}
+
+async fn run_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    addr: SocketAddr,
+    api_addr: Option<SocketAddr>,
+    ready: mpsc::Sender<io::Result<()>>,
+) {
+    let shard = Rc::new(Shard::new(id, shared.clone()));
+    let (senders, receivers) = match mesh.join().await {
+        Ok(pair) => pair,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::other(format!(
+                "shard mesh join failed: {e}"
+            ))));
+            return;
+        }
+    };
+    let senders = Rc::new(senders);
+    let receivers = Rc::new(receivers);
+    for peer in (0..shared.shards).filter(|&p| p != id) {
+        glommio::spawn_local(shard.clone().pump(senders.clone(), peer)).detach();
+        let (shard, receivers) = (shard.clone(), receivers.clone());
+        glommio::spawn_local(async move {
+            while let Ok(Some(msg)) = receivers.recv_from(peer).await {
+                shard.handle(msg);
+            }
+        })
+        .detach();
+    }
+    let listeners = [Some(addr), api_addr]
+        .into_iter()
+        .flatten()
+        .map(listen)
+        .collect::<io::Result<Vec<_>>>();
+    let listeners = match listeners {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(
+                e.kind(),
+                format!("shard {id} cannot listen on {addr}: {e}"),
+            )));
+            return;
+        }
+    };
+    glommio::spawn_local(shard.clone().sweep()).detach();
+    let mut accepts = Vec::new();
+    for (slot, listener) in listeners.into_iter().enumerate() {
+        let api_only = slot == 1;
+        accepts.push(glommio::spawn_local(accept_loop(
+            shard.clone(),
+            listener,
+            slot,
+            api_only,
+        )));
+    }
+    let _ = ready.send(Ok(()));
+    for accept in accepts {
+        accept.await;
+    }
+    shard.drained().await;
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, slot: usize, api_only: bool) {
+    loop {
+        let next = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.shutdown_signal(slot).await;
+            None
+        })
+        .await;
+        match next {
+            None => return,
+            Some(Ok(stream)) => {
+                glommio::spawn_local(serve_socket(shard.clone(), stream, api_only)).detach();
+            }
+            Some(Err(e)) => {
+                // Out of file descriptors, usually: back off instead of spinning.
+                eprintln!("shardpush: shard {}: accept failed: {e}", shard.id);
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream, api_only: bool) {
+    let _ = stream.set_nodelay(true);
+    // Slow or silent peers cannot hold a socket open before they finish a request.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = Vec::new();
+    let Some(head) = http::read_head(&shard, &mut stream, &mut buf).await else {
+        return;
+    };
+    if head.is_websocket_upgrade() && !api_only {
+        session::run(shard, stream, head, buf).await;
+    } else {
+        http::serve(shard, stream, buf, head).await;
+    }
+}

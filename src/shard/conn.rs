@@ -1,0 +1,313 @@
+//! One WebSocket connection as its shard sees it: identity, subscriptions, liveness, and the
+//! outbound queue. Frames are shared (`Rc<[u8]>`) so a fanout never copies per socket; all the
+//! frames pending for a socket leave in one `sendmsg` with an iovec per frame.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+
+use crate::protocol::{events, ws};
+
+/// A subscription as the connection knows it. `confirmed` once the channel's home shard acked.
+pub struct Sub {
+    pub name: Box<str>,
+    pub confirmed: bool,
+    /// The presence user id this socket joined as.
+    pub user_id: Option<Box<str>>,
+}
+
+#[derive(Default)]
+struct OutQueue {
+    frames: VecDeque<Rc<[u8]>>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    bytes: usize,
+}
+
+pub struct Conn {
+    /// Unique in the process; the part after the dot of the socket id.
+    pub id: u64,
+    pub app: u32,
+    out: RefCell<OutQueue>,
+    waker: RefCell<Option<Waker>>,
+    pub subs: RefCell<Vec<Sub>>,
+    /// Shard clock seconds of the last inbound frame.
+    pub last_seen: Cell<u32>,
+    pub ping_sent: Cell<Option<u32>>,
+    /// Set once a close was queued: the shard-clock second by which the socket is dropped anyway.
+    pub closing_deadline: Cell<Option<u32>>,
+    /// The peer's close frame arrived: drop the socket once our queue is flushed.
+    pub peer_closed: Cell<bool>,
+    pub aborted: Cell<bool>,
+    /// Client-event token bucket: (last refill, shard-clock ms; tokens).
+    pub rate: Cell<(u64, f32)>,
+}
+
+/// Seconds a closing connection gets to flush and see the peer's close before it is dropped.
+pub const CLOSE_GRACE_SECS: u32 = 3;
+
+impl Conn {
+    pub fn new(id: u64, app: u32, now: u32, burst: f32) -> Conn {
+        Conn {
+            id,
+            app,
+            out: RefCell::new(OutQueue::default()),
+            waker: RefCell::new(None),
+            subs: RefCell::new(Vec::new()),
+            last_seen: Cell::new(now),
+            ping_sent: Cell::new(None),
+            closing_deadline: Cell::new(None),
+            peer_closed: Cell::new(false),
+            aborted: Cell::new(false),
+            rate: Cell::new((0, burst)),
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing_deadline.get().is_some()
+    }
+
+    /// Queues a frame; returns false (and starts a 4100 close) when the socket is a slow consumer.
+    pub fn send(&self, frame: Rc<[u8]>, max_queued: usize) -> bool {
+        if self.is_closing() {
+            return true;
+        }
+        let over = {
+            let mut q = self.out.borrow_mut();
+            if q.bytes + frame.len() > max_queued {
+                true
+            } else {
+                q.bytes += frame.len();
+                q.frames.push_back(frame);
+                false
+            }
+        };
+        if over {
+            self.drop_backlog();
+            self.close_now(4100, "Slow consumer: too many messages queued", u32::MAX);
+            return false;
+        }
+        self.wake();
+        true
+    }
+
+    pub fn send_vec(&self, frame: Vec<u8>, max_queued: usize) -> bool {
+        self.send(Rc::from(frame), max_queued)
+    }
+
+    /// Discards queued frames except a partly written one (the stream must stay well-formed).
+    fn drop_backlog(&self) {
+        let mut q = self.out.borrow_mut();
+        let keep = if q.offset > 0 {
+            q.frames.pop_front()
+        } else {
+            None
+        };
+        q.frames = VecDeque::new();
+        q.bytes = 0;
+        if let Some(front) = keep {
+            q.bytes = front.len();
+            q.frames.push_back(front);
+        }
+    }
+
+    /// Queues `pusher:error` + a close frame with `code` (the rejection form of reference §1.5).
+    /// The socket is dropped once the peer answers the close, or at the deadline. `now` is the
+    /// shard clock; `u32::MAX` lets the sweeper start the grace period.
+    pub fn close_now(&self, code: u16, reason: &str, now: u32) {
+        self.close_with(
+            Some(events::error(Some(code), reason)),
+            ws::close_frame(code, reason),
+            now,
+        );
+    }
+
+    /// A bare close frame, for WebSocket-level errors (1002) and replies to the peer's close.
+    pub fn close_bare(&self, code: Option<u16>, reason: &str, now: u32) {
+        let frame = match code {
+            Some(c) if c != 1005 && c != 1006 => ws::close_frame(c, reason),
+            _ => ws::encode_frame(ws::OP_CLOSE, &[]),
+        };
+        self.close_with(None, frame, now);
+    }
+
+    fn close_with(&self, error: Option<Vec<u8>>, close: Vec<u8>, now: u32) {
+        if self.is_closing() {
+            return;
+        }
+        {
+            let mut q = self.out.borrow_mut();
+            for frame in error.into_iter().chain([close]) {
+                q.bytes += frame.len();
+                q.frames.push_back(Rc::from(frame));
+            }
+        }
+        self.closing_deadline
+            .set(Some(now.saturating_add(CLOSE_GRACE_SECS)));
+        self.wake();
+    }
+
+    pub fn abort(&self) {
+        self.aborted.set(true);
+        self.wake();
+    }
+
+    pub fn set_waker(&self, waker: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        match &*slot {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+
+    pub fn wake(&self) {
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.out.borrow().bytes
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.out.borrow().frames.is_empty()
+    }
+
+    /// Writes as much of the queue as the socket takes, many frames per syscall.
+    /// `Ok(true)` when the queue is empty afterwards, `Ok(false)` when the socket is full.
+    pub fn flush(&self, fd: RawFd) -> io::Result<bool> {
+        const MAX_IOV: usize = 64;
+        let mut q = self.out.borrow_mut();
+        while !q.frames.is_empty() {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOV];
+            let mut count = 0;
+            for (i, frame) in q.frames.iter().take(MAX_IOV).enumerate() {
+                let start = if i == 0 { q.offset } else { 0 };
+                iov[i] = libc::iovec {
+                    iov_base: frame[start..].as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len() - start,
+                };
+                count += 1;
+            }
+            // SAFETY: msghdr points at `iov`, which borrows frames that outlive the call.
+            let written = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iov.as_mut_ptr();
+                msg.msg_iovlen = count;
+                libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if written < 0 {
+                let err = io::Error::last_os_error();
+                return match err.kind() {
+                    io::ErrorKind::WouldBlock => Ok(false),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(err),
+                };
+            }
+            q.consume(written as usize);
+        }
+        if q.frames.capacity() > 16 {
+            q.frames = VecDeque::new();
+        }
+        Ok(true)
+    }
+
+    /// The unwritten part of the front frame, for the readiness wait when the socket is full.
+    pub fn with_front<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let q = self.out.borrow();
+        q.frames.front().map(|front| f(&front[q.offset..]))
+    }
+
+    pub fn consume(&self, n: usize) {
+        self.out.borrow_mut().consume(n);
+    }
+}
+
+impl OutQueue {
+    fn consume(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.frames.front() else {
+                break;
+            };
+            let left = front.len() - self.offset;
+            if n >= left {
+                n -= left;
+                self.offset = 0;
+                self.frames.pop_front();
+            } else {
+                self.offset += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn coalesces_queued_frames_into_one_write_and_keeps_order() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let conn = Conn::new(1, 0, 0, 10.0);
+        for i in 0..100u8 {
+            assert!(conn.send(Rc::from(vec![i; 3]), 1 << 20));
+        }
+        assert_eq!(conn.queued_bytes(), 300);
+        assert!(conn.flush(a.as_raw_fd()).unwrap());
+        assert_eq!(conn.queued_bytes(), 0);
+        let mut got = vec![0u8; 300];
+        b.read_exact(&mut got).unwrap();
+        let expected: Vec<u8> = (0..100u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn partial_writes_resume_mid_frame() {
+        let mut q = OutQueue::default();
+        for f in [vec![1u8, 2, 3], vec![4, 5]] {
+            q.bytes += f.len();
+            q.frames.push_back(Rc::from(f));
+        }
+        q.consume(2);
+        assert_eq!(q.offset, 2);
+        q.consume(2);
+        assert_eq!(q.offset, 1);
+        assert_eq!(q.frames.len(), 1);
+        q.consume(1);
+        assert!(q.frames.is_empty());
+        assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
+    fn slow_consumer_is_closed_with_4100_and_backlog_dropped() {
+        let conn = Conn::new(1, 0, 0, 10.0);
+        assert!(conn.send(Rc::from(vec![0u8; 900]), 1000));
+        assert!(!conn.send(Rc::from(vec![0u8; 200]), 1000));
+        assert!(conn.is_closing());
+        // Only the error and close frames remain queued.
+        assert!(conn.queued_bytes() < 200);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        conn.flush(a.as_raw_fd()).unwrap();
+        let mut buf = vec![0u8; conn_bytes_hint()];
+        let n = b.read(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.contains("\"code\":4100"));
+        assert!(buf[..n].windows(2).any(|w| w == [0x88, w[1]] && w[1] > 2));
+    }
+
+    fn conn_bytes_hint() -> usize {
+        4096
+    }
+}

@@ -1,0 +1,586 @@
+//! A shard: one glommio executor pinned to a core, owning the connections it accepted, the local
+//! channel table, and the home view of the channels hashed to it. Shards share nothing mutable;
+//! they talk only through `ShardMsg` over the channel mesh.
+
+pub mod conn;
+pub mod messages;
+pub mod session;
+
+use crate::channels::home::{HomeChannels, Joined};
+use crate::channels::local::LocalChannels;
+use crate::channels::ChannelKey;
+use crate::config::{AppConfig, Config};
+use crate::protocol::events;
+use ahash::AHashMap;
+use conn::Conn;
+use messages::{ChannelStats, JoinRequest, Query, QueryReply, ShardMsg};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Process-wide, read-mostly state shared by all shards.
+pub struct Shared {
+    pub config: Config,
+    pub shards: usize,
+    /// First part of every socket id (random per process, so ids differ across restarts/nodes).
+    pub socket_prefix: u32,
+    pub app_connections: Vec<AtomicU32>,
+    pub connections: AtomicUsize,
+    pub shutdown: AtomicBool,
+    pub slow_consumer_closes: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config, shards: usize) -> Shared {
+        let apps = config.apps.len();
+        Shared {
+            config,
+            shards,
+            socket_prefix: random_u32() % 1_000_000_000,
+            app_connections: (0..apps).map(|_| AtomicU32::new(0)).collect(),
+            connections: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            slow_consumer_closes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn app(&self, index: u32) -> &AppConfig {
+        &self.config.apps[index as usize]
+    }
+
+    pub fn app_by_key(&self, key: &str) -> Option<u32> {
+        self.config
+            .apps
+            .iter()
+            .position(|a| a.key == key)
+            .map(|i| i as u32)
+    }
+
+    pub fn app_by_id(&self, id: &str) -> Option<u32> {
+        self.config
+            .apps
+            .iter()
+            .position(|a| a.id == id)
+            .map(|i| i as u32)
+    }
+
+    pub fn socket_id(&self, conn_id: u64) -> String {
+        format!("{}.{}", self.socket_prefix, conn_id)
+    }
+
+    /// Maps a client-supplied socket id to a connection id of this process (None: not ours).
+    pub fn conn_id_of(&self, socket_id: &str) -> Option<u64> {
+        let (prefix, id) = socket_id.split_once('.')?;
+        (prefix.parse::<u32>().ok()? == self.socket_prefix).then_some(())?;
+        id.parse().ok()
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(buf)
+    } else {
+        std::process::id() ^ (Instant::now().elapsed().subsec_nanos())
+    }
+}
+
+/// Messages waiting for the mesh; a pump task per peer drains them. Receivers never block on a
+/// send (that could deadlock two shards), so sends go through here.
+const OUTBOX_SOFT_LIMIT: usize = 64 * 1024;
+
+/// A reply to a cross-shard query, filled by the receiving task.
+#[derive(Default)]
+pub struct ReplySlot {
+    reply: RefCell<Option<QueryReply>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub conns: RefCell<AHashMap<u64, Rc<Conn>>>,
+    pub local: RefCell<LocalChannels>,
+    pub home: RefCell<HomeChannels>,
+    outbox: RefCell<Vec<VecDeque<ShardMsg>>>,
+    outbox_wakers: RefCell<Vec<Option<Waker>>>,
+    queries: RefCell<AHashMap<u64, Rc<ReplySlot>>>,
+    next_query: Cell<u64>,
+    next_conn: Cell<u64>,
+    /// Receive buffer shared by every socket of the shard: reads land here and only the bytes of
+    /// an incomplete frame are kept per connection.
+    pub scratch: RefCell<Box<[u8]>>,
+    started: Instant,
+    pub shutting_down: Cell<bool>,
+    shutdown_wakers: RefCell<Vec<Option<Waker>>>,
+}
+
+pub const SCRATCH_BYTES: usize = 16 * 1024;
+
+impl Shard {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Shard {
+        let n = shared.shards;
+        Shard {
+            id,
+            conns: RefCell::new(AHashMap::new()),
+            local: RefCell::new(LocalChannels::default()),
+            home: RefCell::new(HomeChannels::new(n)),
+            outbox: RefCell::new((0..n).map(|_| VecDeque::new()).collect()),
+            outbox_wakers: RefCell::new((0..n).map(|_| None).collect()),
+            queries: RefCell::new(AHashMap::new()),
+            next_query: Cell::new(0),
+            next_conn: Cell::new(0),
+            scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            started: Instant::now(),
+            shutting_down: Cell::new(false),
+            shutdown_wakers: RefCell::new(vec![None, None]),
+            shared,
+        }
+    }
+
+    /// Shard clock in seconds (for liveness), and in milliseconds (for rate limits).
+    pub fn now_secs(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// A process-unique connection id whose residue names this shard.
+    pub fn new_conn_id(&self) -> u64 {
+        let seq = self.next_conn.get() + 1;
+        self.next_conn.set(seq);
+        seq * self.shared.shards as u64 + self.id as u64
+    }
+
+    pub fn max_queued(&self) -> usize {
+        self.shared.config.max_outbound_queue_bytes
+    }
+
+    /// Sends to a shard; to ourselves it is handled at once, in order.
+    pub fn route(&self, shard: usize, msg: ShardMsg) {
+        if shard == self.id {
+            self.handle(msg);
+            return;
+        }
+        self.outbox.borrow_mut()[shard].push_back(msg);
+        if let Some(w) = self.outbox_wakers.borrow_mut()[shard].take() {
+            w.wake();
+        }
+    }
+
+    /// Waits while any outbox is far behind, so that a flood of client or HTTP input slows its
+    /// own producer instead of growing memory.
+    pub async fn backpressure(&self) {
+        while self
+            .outbox
+            .borrow()
+            .iter()
+            .any(|q| q.len() > OUTBOX_SOFT_LIMIT)
+        {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    pub fn handle(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Join(req) => self.home_join(req),
+            ShardMsg::JoinReply {
+                key,
+                conn,
+                repeat,
+                user_id,
+                result,
+            } => self.on_join_reply(key, conn, repeat, user_id, result),
+            ShardMsg::Leave {
+                key,
+                origin,
+                user_id,
+            } => self.home_leave(key, origin, user_id),
+            ShardMsg::Publish { key, frame, except } => self.home_publish(key, frame, except),
+            ShardMsg::Deliver { key, frame, except } => {
+                self.deliver_local(&key, Rc::from(&frame[..]), except);
+            }
+            ShardMsg::Query { origin, id, query } => {
+                let reply = self.answer(query);
+                self.route(origin, ShardMsg::Reply { id, reply });
+            }
+            ShardMsg::Reply { id, reply } => {
+                if let Some(slot) = self.queries.borrow_mut().remove(&id) {
+                    *slot.reply.borrow_mut() = Some(reply);
+                    if let Some(w) = slot.waker.borrow_mut().take() {
+                        w.wake();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The hot path: one frame, many sockets, no copy and no encoding per socket.
+    pub fn deliver_local(&self, key: &ChannelKey, frame: Rc<[u8]>, except: Option<u64>) {
+        let max = self.max_queued();
+        let slow = {
+            let local = self.local.borrow();
+            let mut slow = 0u64;
+            for conn in local.subscribers(key) {
+                if Some(conn.id) != except && !conn.send(frame.clone(), max) {
+                    slow += 1;
+                }
+            }
+            slow
+        };
+        if slow > 0 {
+            self.shared
+                .slow_consumer_closes
+                .fetch_add(slow, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes a complete frame to a channel, wherever its subscribers are.
+    pub fn publish(&self, key: ChannelKey, frame: Vec<u8>, except: Option<u64>) {
+        let home = key.home(self.shared.shards);
+        self.route(
+            home,
+            ShardMsg::Publish {
+                key,
+                frame: Arc::from(frame),
+                except,
+            },
+        );
+    }
+
+    fn home_publish(&self, key: ChannelKey, frame: Arc<[u8]>, except: Option<u64>) {
+        let targets: Vec<usize> = match self.home.borrow().get(&key) {
+            Some(channel) => channel.shards().collect(),
+            None => return,
+        };
+        self.broadcast(&targets, &key, frame, except);
+    }
+
+    fn broadcast(
+        &self,
+        targets: &[usize],
+        key: &ChannelKey,
+        frame: Arc<[u8]>,
+        except: Option<u64>,
+    ) {
+        for &shard in targets {
+            if shard == self.id {
+                self.deliver_local(key, Rc::from(&frame[..]), except);
+            } else {
+                let msg = ShardMsg::Deliver {
+                    key: key.clone(),
+                    frame: frame.clone(),
+                    except,
+                };
+                self.route(shard, msg);
+            }
+        }
+    }
+
+    fn home_join(&self, req: JoinRequest) {
+        let JoinRequest {
+            key,
+            origin,
+            conn,
+            member,
+            max_members,
+            repeat,
+        } = req;
+        let user_id = member.as_ref().map(|(id, _)| id.clone());
+        let presence = member.is_some();
+        let outcome = if repeat {
+            Ok(Joined::Socket)
+        } else {
+            let m = member
+                .as_ref()
+                .map(|(id, info)| (id.as_str(), info.as_str()));
+            self.home.borrow_mut().join(&key, origin, m, max_members)
+        };
+        let (result, announce) = match outcome {
+            Err(message) => (Err(message), None),
+            Ok(joined) => {
+                let home = self.home.borrow();
+                let channel = home.get(&key);
+                let frame = match (presence, channel) {
+                    (true, Some(c)) => Some(Arc::from(events::subscription_succeeded(
+                        &key.name,
+                        &c.presence_json(),
+                    ))),
+                    _ => None,
+                };
+                let announce = match (&member, joined, channel) {
+                    (Some((id, info)), Joined::NewMember, Some(c)) if !repeat => Some((
+                        c.shards().collect::<Vec<_>>(),
+                        events::member_added(&key.name, id, info),
+                    )),
+                    _ => None,
+                };
+                (Ok(frame), announce)
+            }
+        };
+        self.route(
+            origin,
+            ShardMsg::JoinReply {
+                key: key.clone(),
+                conn,
+                repeat,
+                user_id,
+                result,
+            },
+        );
+        if let Some((targets, frame)) = announce {
+            self.broadcast(&targets, &key, Arc::from(frame), Some(conn));
+        }
+    }
+
+    fn home_leave(&self, key: ChannelKey, origin: usize, user_id: Option<String>) {
+        let last = self
+            .home
+            .borrow_mut()
+            .leave(&key, origin, user_id.as_deref());
+        if let (true, Some(user_id)) = (last, user_id) {
+            let targets: Vec<usize> = match self.home.borrow().get(&key) {
+                Some(c) => c.shards().collect(),
+                None => return,
+            };
+            let frame = events::member_removed(&key.name, &user_id);
+            self.broadcast(&targets, &key, Arc::from(frame), None);
+        }
+    }
+
+    fn on_join_reply(
+        &self,
+        key: ChannelKey,
+        conn_id: u64,
+        repeat: bool,
+        user_id: Option<String>,
+        result: Result<Option<Arc<[u8]>>, String>,
+    ) {
+        let conn = self.conns.borrow().get(&conn_id).cloned();
+        let max = self.max_queued();
+        let Some(conn) = conn.filter(|c| !c.is_closing() || repeat) else {
+            if !repeat && result.is_ok() {
+                self.leave(key, user_id);
+            }
+            return;
+        };
+        let frame: Rc<[u8]> = match &result {
+            Ok(Some(frame)) => Rc::from(&frame[..]),
+            Ok(None) => Rc::from(events::subscription_succeeded(&key.name, "{}")),
+            Err(message) => Rc::from(events::error(None, message)),
+        };
+        if repeat {
+            conn.send(frame, max);
+            return;
+        }
+        let mut subs = conn.subs.borrow_mut();
+        let pending = subs
+            .iter()
+            .position(|s| *s.name == *key.name && !s.confirmed);
+        match (pending, result.is_ok()) {
+            (Some(i), true) => {
+                subs[i].confirmed = true;
+                drop(subs);
+                // Queue the confirmation before the socket can receive any channel event.
+                conn.send(frame, max);
+                self.local.borrow_mut().add(key, conn);
+            }
+            (Some(i), false) => {
+                subs.remove(i);
+                drop(subs);
+                conn.send(frame, max);
+            }
+            // Unsubscribed while the join was in flight: undo it.
+            (None, true) => {
+                drop(subs);
+                self.leave(key, user_id);
+            }
+            (None, false) => {}
+        }
+    }
+
+    pub fn join(&self, req: JoinRequest) {
+        let home = req.key.home(self.shared.shards);
+        self.route(home, ShardMsg::Join(req));
+    }
+
+    pub fn leave(&self, key: ChannelKey, user_id: Option<String>) {
+        let home = key.home(self.shared.shards);
+        self.route(
+            home,
+            ShardMsg::Leave {
+                key,
+                origin: self.id,
+                user_id,
+            },
+        );
+    }
+
+    fn answer(&self, query: Query) -> QueryReply {
+        let home = self.home.borrow();
+        let stats = |c: &crate::channels::home::HomeChannel| ChannelStats {
+            subscription_count: c.total,
+            user_count: c.user_count(),
+        };
+        match query {
+            Query::Channel(key) => {
+                QueryReply::Channel(home.get(&key).map(stats).unwrap_or_default())
+            }
+            Query::Users(key) => QueryReply::Users(
+                home.get(&key)
+                    .and_then(|c| c.members.as_ref())
+                    .map(|m| m.iter().map(|(id, _)| id.clone()).collect())
+                    .unwrap_or_default(),
+            ),
+            Query::List { app, prefix } => QueryReply::List(
+                home.occupied(app, &prefix)
+                    .filter(|(k, _)| !k.name.starts_with('#'))
+                    .map(|(k, c)| (k.name.to_string(), stats(c)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Asks shard `shard` (possibly this one) and waits for the answer.
+    pub async fn query(&self, shard: usize, query: Query) -> QueryReply {
+        if shard == self.id {
+            return self.answer(query);
+        }
+        let id = self.next_query.get() + 1;
+        self.next_query.set(id);
+        let slot = Rc::new(ReplySlot::default());
+        self.queries.borrow_mut().insert(id, slot.clone());
+        self.route(
+            shard,
+            ShardMsg::Query {
+                origin: self.id,
+                id,
+                query,
+            },
+        );
+        poll_fn(|cx| match slot.reply.borrow_mut().take() {
+            Some(reply) => Poll::Ready(reply),
+            None => {
+                *slot.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    pub async fn channel_stats(&self, key: ChannelKey) -> ChannelStats {
+        let home = key.home(self.shared.shards);
+        match self.query(home, Query::Channel(key)).await {
+            QueryReply::Channel(stats) => stats,
+            _ => ChannelStats::default(),
+        }
+    }
+
+    /// Drains the outbox for `peer` into the mesh, in order.
+    pub async fn pump(
+        self: Rc<Self>,
+        senders: Rc<glommio::channels::channel_mesh::Senders<ShardMsg>>,
+        peer: usize,
+    ) {
+        loop {
+            let msg = poll_fn(|cx| match self.outbox.borrow_mut()[peer].pop_front() {
+                Some(msg) => Poll::Ready(msg),
+                None => {
+                    self.outbox_wakers.borrow_mut()[peer] = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+            if senders.send_to(peer, msg).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Liveness and close deadlines, once a second; shutdown as soon as it is asked for.
+    pub async fn sweep(self: Rc<Self>) {
+        let mut tick = 0u32;
+        loop {
+            glommio::timer::sleep(Duration::from_millis(250)).await;
+            if self.shared.shutdown.load(Ordering::Relaxed) && !self.shutting_down.get() {
+                self.begin_shutdown();
+            }
+            tick += 1;
+            if tick % 4 != 0 {
+                continue;
+            }
+            let now = self.now_secs();
+            let cfg = &self.shared.config;
+            let ping = Rc::<[u8]>::from(crate::protocol::ws::encode_frame(
+                crate::protocol::ws::OP_PING,
+                b"",
+            ));
+            for conn in self.conns.borrow().values() {
+                if let Some(deadline) = conn.closing_deadline.get() {
+                    // u32::MAX: closed from a path without the clock (slow consumer); start the grace now.
+                    if deadline == u32::MAX {
+                        conn.closing_deadline
+                            .set(Some(now + conn::CLOSE_GRACE_SECS));
+                    } else if now >= deadline {
+                        conn.abort();
+                    }
+                    continue;
+                }
+                match conn.ping_sent.get() {
+                    Some(sent) if now.saturating_sub(sent) >= cfg.pong_timeout => {
+                        conn.close_now(4201, "Pong reply not received", now);
+                    }
+                    Some(_) => {}
+                    None if now.saturating_sub(conn.last_seen.get()) >= cfg.activity_timeout => {
+                        conn.ping_sent.set(Some(now));
+                        conn.send(ping.clone(), usize::MAX);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn begin_shutdown(&self) {
+        self.shutting_down.set(true);
+        for w in self.shutdown_wakers.borrow_mut().iter_mut() {
+            if let Some(w) = w.take() {
+                w.wake();
+            }
+        }
+        let now = self.now_secs();
+        for conn in self.conns.borrow().values() {
+            conn.close_now(4200, "Server shutting down, reconnect", now);
+        }
+    }
+
+    /// Resolves when shutdown starts; `slot` distinguishes the waiting listeners.
+    pub async fn shutdown_signal(&self, slot: usize) {
+        poll_fn(|cx| {
+            if self.shutting_down.get() {
+                Poll::Ready(())
+            } else {
+                self.shutdown_wakers.borrow_mut()[slot] = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Resolves once every connection is gone (or the grace period is over) after shutdown.
+    pub async fn drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(conn::CLOSE_GRACE_SECS as u64 + 1);
+        while !self.conns.borrow().is_empty() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

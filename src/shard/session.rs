@@ -1,0 +1,515 @@
+//! One WebSocket connection's life: upgrade and admission (reference §1.5), then a single task
+//! that flushes queued frames, reads into the shard's scratch buffer and handles each message.
+
+use super::conn::{Conn, Sub};
+use super::messages::JoinRequest;
+use super::Shard;
+use crate::channels::ChannelKey;
+use crate::http::{error_response, signature::parse_query, Head};
+use crate::protocol::channel::{validate_name, ChannelKind};
+use crate::protocol::events::{self, ClientMessage, Data, SubscribeData, UnsubscribeData};
+use crate::protocol::json;
+use crate::protocol::ws::{self, FrameReader, Inbound};
+use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use sonic_rs::{JsonValueTrait, LazyValue};
+use std::future::poll_fn;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+const MAX_USER_ID_CHARS: usize = 128;
+
+pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, mut buf: Vec<u8>) {
+    buf.drain(..head.len);
+    let Some(sec_key) = head.header("sec-websocket-key").map(str::to_owned) else {
+        let _ = stream
+            .write_all(&error_response(400, "Missing Sec-WebSocket-Key"))
+            .await;
+        return;
+    };
+    if head.header("sec-websocket-version") != Some("13") {
+        let _ = stream
+            .write_all(&error_response(
+                426,
+                "Only WebSocket version 13 is supported",
+            ))
+            .await;
+        return;
+    }
+    let subprotocol = head
+        .header("sec-websocket-protocol")
+        .and_then(pick_subprotocol);
+    let upgrade = ws::upgrade_response(sec_key.as_bytes(), subprotocol);
+    if stream.write_all(&upgrade).await.is_err() {
+        return;
+    }
+    let (path, query) = head.path_and_query();
+    let app = match admit(&shard, path, query) {
+        Ok(app) => app,
+        Err((code, reason)) => return reject(&shard, stream, code, &reason).await,
+    };
+    let _ = stream.set_read_timeout(None);
+
+    let shared = shard.shared.clone();
+    let id = shard.new_conn_id();
+    let app_config = shared.app(app);
+    let burst = app_config.max_client_events_per_second as f32;
+    let conn = Rc::new(Conn::new(id, app, shard.now_secs(), burst));
+    shard.conns.borrow_mut().insert(id, conn.clone());
+    let hello =
+        events::connection_established(&shared.socket_id(id), shared.config.activity_timeout);
+    conn.send_vec(hello, usize::MAX);
+
+    let max_message = shared.config.max_ws_message_bytes;
+    let mut reader = FrameReader::new(buf);
+    loop {
+        while let Some(inbound) = reader.next(max_message) {
+            handle_inbound(&shard, &conn, inbound);
+        }
+        shard.backpressure().await;
+        match poll_fn(|cx| poll_io(&shard, &conn, &mut stream, &mut reader, cx)).await {
+            Io::Read => {}
+            Io::Done => break,
+        }
+    }
+    disconnect(&shard, &conn);
+}
+
+/// `pusher-channels-protocol-N` (4 <= N <= 7) when the client offered it; never anything else.
+fn pick_subprotocol(offered: &str) -> Option<&str> {
+    offered.split(',').map(str::trim).find(|p| {
+        p.strip_prefix("pusher-channels-protocol-")
+            .and_then(|n| n.parse::<u8>().ok())
+            .is_some_and(|n| (4..=7).contains(&n))
+    })
+}
+
+/// Checks in the reference's order: path, app key, enabled, protocol, app quota, server capacity.
+/// On success the connection is counted (and `disconnect` uncounts it).
+fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
+    let shared = &shard.shared;
+    let key = match path.rfind("/app/") {
+        Some(i) if !path[i + 5..].is_empty() && !path[i + 5..].contains('/') => &path[i + 5..],
+        _ => return Err((4005, "Path not found".into())),
+    };
+    let key = crate::http::signature::percent_decode(key);
+    let Some(app) = shared.app_by_key(&key) else {
+        return Err((
+            4001,
+            format!("App key {key} not in this cluster. Did you forget to specify the cluster?"),
+        ));
+    };
+    let config = shared.app(app);
+    if !config.enabled {
+        return Err((4003, "Application disabled".into()));
+    }
+    let params = parse_query(query);
+    match crate::http::signature::get(&params, "protocol") {
+        None if shared.config.allow_missing_protocol => {}
+        None => return Err((4008, "No protocol version supplied".into())),
+        Some(v) => match v.parse::<u32>() {
+            Ok(4..=7) => {}
+            _ => return Err((4007, format!("Unsupported protocol version {v}"))),
+        },
+    }
+    let in_app = shared.app_connections[app as usize].fetch_add(1, Ordering::Relaxed);
+    if config.max_connections > 0 && in_app >= config.max_connections {
+        shared.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
+        return Err((4004, "Application is over connection quota".into()));
+    }
+    let total = shared.connections.fetch_add(1, Ordering::Relaxed);
+    let cap = shared.config.max_connections;
+    if (cap > 0 && total >= cap) || shard.shutting_down.get() {
+        shared.connections.fetch_sub(1, Ordering::Relaxed);
+        shared.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
+        return Err((4100, "Over capacity".into()));
+    }
+    Ok(app)
+}
+
+/// Completes a refused upgrade: `pusher:error`, then a close with the same code.
+async fn reject(shard: &Shard, mut stream: TcpStream, code: u16, reason: &str) {
+    let mut bytes = events::error(Some(code), reason);
+    bytes.extend(ws::close_frame(code, reason));
+    if stream.write_all(&bytes).await.is_err() {
+        return;
+    }
+    // Give the client a moment to answer the close before the TCP connection goes.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut sink = Vec::new();
+    while let Ok(n) = crate::http::read_into(shard, &mut stream, &mut sink).await {
+        if n == 0 || sink.len() > 4096 {
+            break;
+        }
+    }
+}
+
+enum Io {
+    Read,
+    Done,
+}
+
+/// Flushes the queue (one sendmsg for all pending frames), then reads what has arrived.
+fn poll_io(
+    shard: &Shard,
+    conn: &Conn,
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+    cx: &mut Context<'_>,
+) -> Poll<Io> {
+    conn.set_waker(cx.waker());
+    if conn.aborted.get() {
+        return Poll::Ready(Io::Done);
+    }
+    let fd = stream.as_raw_fd();
+    loop {
+        match conn.flush(fd) {
+            Err(_) => return Poll::Ready(Io::Done),
+            Ok(true) => {
+                if conn.is_closing() && conn.peer_closed.get() {
+                    return Poll::Ready(Io::Done);
+                }
+                break;
+            }
+            // The socket is full: glommio's write wakes us when it drains (and may write some).
+            Ok(false) => {
+                match conn.with_front(|front| Pin::new(&mut *stream).poll_write(cx, front)) {
+                    Some(Poll::Ready(Ok(n))) => conn.consume(n),
+                    Some(Poll::Ready(Err(_))) => return Poll::Ready(Io::Done),
+                    _ => break,
+                }
+            }
+        }
+    }
+    let mut scratch = shard.scratch.borrow_mut();
+    match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Io::Done),
+        Poll::Ready(Ok(n)) => {
+            reader.feed(&scratch[..n]);
+            Poll::Ready(Io::Read)
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+fn disconnect(shard: &Shard, conn: &Rc<Conn>) {
+    shard.conns.borrow_mut().remove(&conn.id);
+    let subs = std::mem::take(&mut *conn.subs.borrow_mut());
+    for sub in subs.into_iter().filter(|s| s.confirmed) {
+        let key = ChannelKey {
+            app: conn.app,
+            name: sub.name,
+        };
+        shard.local.borrow_mut().remove(&key, conn.id);
+        shard.leave(key, sub.user_id.map(String::from));
+    }
+    // Pending joins are undone when their reply finds the connection gone.
+    let shared = &shard.shared;
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    shared.app_connections[conn.app as usize].fetch_sub(1, Ordering::Relaxed);
+}
+
+fn handle_inbound(shard: &Shard, conn: &Conn, inbound: Inbound) {
+    let now = shard.now_secs();
+    conn.last_seen.set(now);
+    conn.ping_sent.set(None);
+    if conn.is_closing() {
+        if let Inbound::Close(_) = inbound {
+            conn.peer_closed.set(true);
+            conn.wake();
+        }
+        return;
+    }
+    let max = shard.max_queued();
+    match inbound {
+        Inbound::Text(bytes) => handle_text(shard, conn, &bytes),
+        Inbound::Binary => {
+            conn.send_vec(
+                events::error(
+                    None,
+                    "Binary frames are not supported; send JSON text frames",
+                ),
+                max,
+            );
+        }
+        Inbound::Ping(payload) => {
+            conn.send_vec(ws::encode_frame(ws::OP_PONG, &payload), max);
+        }
+        Inbound::Pong => {}
+        Inbound::Close(code) => {
+            conn.peer_closed.set(true);
+            conn.close_bare(code, "", now);
+        }
+        Inbound::TooLarge(size) => {
+            let limit = shard.shared.config.max_ws_message_bytes;
+            let message = format!("Message of {size} bytes discarded: the limit is {limit} bytes");
+            conn.send_vec(events::error(None, &message), max);
+        }
+        Inbound::ProtocolError(reason) => conn.close_bare(Some(1002), reason, now),
+    }
+}
+
+fn handle_text(shard: &Shard, conn: &Conn, text: &[u8]) {
+    let max = shard.max_queued();
+    let Ok(message) = sonic_rs::from_slice::<ClientMessage>(text) else {
+        let reply = events::error(
+            None,
+            "Invalid message format: expected a JSON object with an \"event\"",
+        );
+        conn.send_vec(reply, max);
+        return;
+    };
+    match &*message.event {
+        "pusher:ping" => {
+            conn.send_vec(events::pong(), max);
+        }
+        "pusher:pong" => {}
+        "pusher:subscribe" => match events::decode_object::<SubscribeData>(message.data.as_ref()) {
+            Some(data) => subscribe(shard, conn, data),
+            None => {
+                conn.send_vec(
+                    events::error(None, "pusher:subscribe needs data with a channel"),
+                    max,
+                );
+            }
+        },
+        "pusher:unsubscribe" => {
+            if let Some(data) = events::decode_object::<UnsubscribeData>(message.data.as_ref()) {
+                unsubscribe(shard, conn, &data.channel);
+            }
+        }
+        "pusher:signin" => {
+            conn.send_vec(
+                events::error(
+                    None,
+                    "User authentication (pusher:signin) is not enabled on this server",
+                ),
+                max,
+            );
+        }
+        event if event.starts_with("client-") => {
+            client_event(
+                shard,
+                conn,
+                event,
+                message.channel.as_deref(),
+                message.data.as_ref(),
+            );
+        }
+        // Unknown events are ignored, as the hosted service and other servers do.
+        _ => {}
+    }
+}
+
+fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
+    let max = shard.max_queued();
+    let fail = |message: &str| {
+        conn.send_vec(events::error(None, message), max);
+    };
+    let app = shard.shared.app(conn.app);
+    let channel = data.channel.as_str();
+    let kind = ChannelKind::of(channel);
+    if kind == ChannelKind::ServerToUser {
+        return fail("Subscribing to #server-to-user- channels needs a signed-in connection (not enabled on this server)");
+    }
+    if let Err(message) = validate_name(channel, app.max_channel_name_length as usize) {
+        return fail(&message);
+    }
+    let existing = conn
+        .subs
+        .borrow()
+        .iter()
+        .find(|s| &*s.name == channel)
+        .map(|s| s.confirmed);
+    match existing {
+        // Still waiting for the home shard: the reply will confirm it.
+        Some(false) => return,
+        Some(true) if kind != ChannelKind::Presence => {
+            conn.send_vec(events::subscription_succeeded(channel, "{}"), max);
+            return;
+        }
+        Some(true) => {
+            return shard.join(JoinRequest {
+                key: ChannelKey::new(conn.app, channel),
+                origin: shard.id,
+                conn: conn.id,
+                member: None,
+                max_members: app.max_presence_members,
+                repeat: true,
+            });
+        }
+        None => {}
+    }
+    let socket_id = shard.shared.socket_id(conn.id);
+    if kind.needs_auth() {
+        let mut to_sign = format!("{socket_id}:{channel}");
+        if kind == ChannelKind::Presence {
+            let Some(channel_data) = &data.channel_data else {
+                return fail("Presence subscriptions need channel_data");
+            };
+            to_sign.push(':');
+            to_sign.push_str(channel_data);
+        }
+        let token = data.auth.as_deref().unwrap_or("");
+        if let Err(message) = crate::auth::verify_token(&app.key, &app.secret, token, &to_sign) {
+            return fail(&message);
+        }
+    }
+    let member = if kind == ChannelKind::Presence {
+        let text = data.channel_data.as_deref().unwrap_or("");
+        let member = match events::parse_channel_data(text) {
+            Ok(m) => m,
+            Err(message) => return fail(message),
+        };
+        if member.user_id.chars().count() > MAX_USER_ID_CHARS {
+            return fail("Presence user_id is longer than 128 characters");
+        }
+        if member.user_info.len() > app.max_presence_member_size_bytes as usize {
+            let limit = app.max_presence_member_size_bytes;
+            return fail(&format!("Presence user_info is larger than {limit} bytes"));
+        }
+        Some((member.user_id, member.user_info))
+    } else {
+        None
+    };
+    conn.subs.borrow_mut().push(Sub {
+        name: channel.into(),
+        confirmed: false,
+        user_id: member.as_ref().map(|(id, _)| id.as_str().into()),
+    });
+    shard.join(JoinRequest {
+        key: ChannelKey::new(conn.app, channel),
+        origin: shard.id,
+        conn: conn.id,
+        member,
+        max_members: app.max_presence_members,
+        repeat: false,
+    });
+}
+
+fn unsubscribe(shard: &Shard, conn: &Conn, channel: &str) {
+    let removed = {
+        let mut subs = conn.subs.borrow_mut();
+        subs.iter()
+            .position(|s| &*s.name == channel)
+            .map(|i| subs.remove(i))
+    };
+    // Unknown channel: ignored. Pending: the home's reply undoes the join.
+    if let Some(sub) = removed.filter(|s| s.confirmed) {
+        let key = ChannelKey {
+            app: conn.app,
+            name: sub.name,
+        };
+        shard.local.borrow_mut().remove(&key, conn.id);
+        shard.leave(key, sub.user_id.map(String::from));
+    }
+}
+
+/// Client events, in the reference's order of checks (§3.5). Errors never close the connection.
+fn client_event(
+    shard: &Shard,
+    conn: &Conn,
+    event: &str,
+    channel: Option<&str>,
+    data: Option<&LazyValue<'_>>,
+) {
+    let max = shard.max_queued();
+    let fail = |code: Option<u16>, message: &str| {
+        conn.send_vec(events::error(code, message), max);
+    };
+    let app = shard.shared.app(conn.app);
+    if !app.enable_client_messages {
+        return fail(Some(4301), "The app does not have client messaging enabled");
+    }
+    let Some(channel) = channel else {
+        return fail(None, "Client events need a channel");
+    };
+    if !ChannelKind::of(channel).allows_client_events() {
+        return fail(
+            None,
+            "Client events are only allowed on private and presence channels (not encrypted ones)",
+        );
+    }
+    let user_id = {
+        let subs = conn.subs.borrow();
+        match subs.iter().find(|s| s.confirmed && &*s.name == channel) {
+            Some(sub) => sub.user_id.clone(),
+            None => {
+                return fail(
+                    Some(4009),
+                    "The client is not a member of the specified channel",
+                )
+            }
+        }
+    };
+    if event.len() > app.max_event_name_length as usize {
+        return fail(
+            None,
+            &format!(
+                "Event name is longer than {} characters",
+                app.max_event_name_length
+            ),
+        );
+    }
+    // Strings are forwarded as received; anything else becomes a compact JSON string.
+    let literal = match data {
+        Some(v) if v.is_str() => v.as_raw_str().to_owned(),
+        Some(v) => json::str_literal(&json::compact(v.as_raw_str()).unwrap_or_default()),
+        None => json::str_literal("null"),
+    };
+    if literal.len().saturating_sub(2) > app.max_event_payload_bytes as usize {
+        return fail(
+            None,
+            &format!(
+                "Client event data is larger than {} bytes",
+                app.max_event_payload_bytes
+            ),
+        );
+    }
+    if !take_token(shard, conn, app.max_client_events_per_second as f32) {
+        return fail(Some(4301), "Client event rejected due to rate limit");
+    }
+    let frame = events::frame(
+        event,
+        Some(channel),
+        Data::Raw(&literal),
+        user_id.as_deref(),
+    );
+    shard.publish(ChannelKey::new(conn.app, channel), frame, Some(conn.id));
+}
+
+/// Token bucket: `rate` per second, burst `rate`.
+fn take_token(shard: &Shard, conn: &Conn, rate: f32) -> bool {
+    let now = shard.now_ms();
+    let (last, tokens) = conn.rate.get();
+    let tokens = (tokens + (now.saturating_sub(last)) as f32 * rate / 1000.0).min(rate);
+    if tokens < 1.0 {
+        conn.rate.set((now, tokens));
+        return false;
+    }
+    conn.rate.set((now, tokens - 1.0));
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_subprotocol;
+
+    #[test]
+    fn echoes_only_offered_pusher_subprotocols() {
+        assert_eq!(
+            pick_subprotocol("pusher-channels-protocol-7"),
+            Some("pusher-channels-protocol-7")
+        );
+        assert_eq!(
+            pick_subprotocol("chat, pusher-channels-protocol-5"),
+            Some("pusher-channels-protocol-5")
+        );
+        assert_eq!(pick_subprotocol("pusher-channels-protocol-9"), None);
+        assert_eq!(pick_subprotocol("chat"), None);
+    }
+}
