@@ -30,6 +30,8 @@ struct OutQueue {
 pub struct Conn {
     /// Unique in the process; the part after the dot of the socket id.
     pub id: u64,
+    /// The socket, so an over-full queue can be flushed before it counts as slow (-1: none).
+    pub fd: Cell<RawFd>,
     pub app: u32,
     out: RefCell<OutQueue>,
     waker: RefCell<Option<Waker>>,
@@ -53,6 +55,7 @@ impl Conn {
     pub fn new(id: u64, app: u32, now: u32, burst: f32) -> Conn {
         Conn {
             id,
+            fd: Cell::new(-1),
             app,
             out: RefCell::new(OutQueue::default()),
             waker: RefCell::new(None),
@@ -74,6 +77,10 @@ impl Conn {
     pub fn send(&self, frame: Rc<[u8]>, max_queued: usize) -> bool {
         if self.is_closing() {
             return true;
+        }
+        if self.queued_bytes() + frame.len() > max_queued && self.fd.get() >= 0 {
+            // A burst, not necessarily a slow reader: give the kernel what it takes now.
+            let _ = self.flush(self.fd.get());
         }
         let over = {
             let mut q = self.out.borrow_mut();

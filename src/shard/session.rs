@@ -59,6 +59,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, mut buf: V
     let app_config = shared.app(app);
     let burst = app_config.max_client_events_per_second as f32;
     let conn = Rc::new(Conn::new(id, app, shard.now_secs(), burst));
+    conn.fd.set(stream.as_raw_fd());
     shard.conns.borrow_mut().insert(id, conn.clone());
     let hello =
         events::connection_established(&shared.socket_id(id), shared.config.activity_timeout);

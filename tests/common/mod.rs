@@ -1,0 +1,358 @@
+//! Test harness: runs the real `shardpush` binary on an ephemeral loopback port and talks to it
+//! with real WebSocket (tungstenite) and HTTP/1.1 clients.
+#![allow(dead_code)]
+
+use shardpush::auth::{hmac_sha256_hex, md5_hex};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::{Message, WebSocket};
+
+pub const APP_ID: &str = "test-id";
+pub const KEY: &str = "test-key";
+pub const SECRET: &str = "test-secret";
+
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+pub struct TempDir(pub std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The standard test apps plus `extra` TOML (top-level keys first, then more [[apps]]).
+pub fn config_toml(top: &str, app_extra: &str, more_apps: &str) -> String {
+    format!(
+        "host = \"127.0.0.1\"\nport = 0\nshards = 2\n{top}\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\nenable_client_messages = true\n{app_extra}\n{more_apps}"
+    )
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::with_config(&config_toml("", "", ""))
+    }
+
+    pub fn with_config(toml: &str) -> Server {
+        let dir = std::env::temp_dir().join(format!(
+            "shardpush-test-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardpush"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start shardpush");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap();
+                break addr.rsplit(':').next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            port,
+            _dir: TempDir(dir),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn ws(&self) -> Client {
+        self.ws_path(&format!(
+            "/app/{KEY}?protocol=7&client=js&version=8.4.0&flash=false"
+        ))
+    }
+
+    pub fn ws_path(&self, path: &str) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let url = format!("ws://127.0.0.1:{}{path}", self.port);
+        let (socket, response) =
+            tungstenite::client(url.as_str(), stream).expect("websocket handshake");
+        let subprotocol = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap().to_owned());
+        Client {
+            socket,
+            socket_id: String::new(),
+            subprotocol,
+        }
+    }
+
+    /// Connects and reads `connection_established`.
+    pub fn connect(&self) -> Client {
+        let mut c = self.ws();
+        let hello = c.recv();
+        assert_eq!(hello["event"], "pusher:connection_established");
+        let data: serde_json::Value =
+            serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
+        c.socket_id = data["socket_id"].as_str().unwrap().to_owned();
+        c
+    }
+
+    /// A signed HTTP API request; returns (status, body).
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        params: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        let query = signed_query(method, path, params, body, KEY, SECRET);
+        raw_http(self.port, method, &format!("{path}?{query}"), body)
+    }
+
+    pub fn trigger(&self, channel: &str, event: &str, data: &str) -> (u16, String) {
+        let body = serde_json::json!({"name": event, "channel": channel, "data": data}).to_string();
+        self.api("POST", &format!("/apps/{APP_ID}/events"), &[], &body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn signed_query(
+    method: &str,
+    path: &str,
+    params: &[(&str, &str)],
+    body: &str,
+    key: &str,
+    secret: &str,
+) -> String {
+    let ts = now().to_string();
+    let mut pairs: Vec<(String, String)> = vec![
+        ("auth_key".into(), key.into()),
+        ("auth_timestamp".into(), ts),
+        ("auth_version".into(), "1.0".into()),
+    ];
+    if !body.is_empty() {
+        pairs.push(("body_md5".into(), md5_hex(body.as_bytes())));
+    }
+    pairs.extend(params.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    pairs.sort();
+    let canonical: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let canonical = canonical.join("&");
+    let sig = hmac_sha256_hex(
+        secret.as_bytes(),
+        format!("{method}\n{path}\n{canonical}").as_bytes(),
+    );
+    format!("{canonical}&auth_signature={sig}")
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body).
+pub fn raw_http(port: u16, method: &str, target: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    parse_response(&resp)
+}
+
+pub fn parse_response(resp: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(resp);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub struct Client {
+    pub socket: WebSocket<TcpStream>,
+    pub socket_id: String,
+    pub subprotocol: Option<String>,
+}
+
+impl Client {
+    pub fn send_json(&mut self, v: serde_json::Value) {
+        self.socket.send(Message::text(v.to_string())).unwrap();
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.socket.send(Message::text(text.to_owned())).unwrap();
+    }
+
+    /// Next text message as JSON (panics on timeout or close).
+    pub fn recv(&mut self) -> serde_json::Value {
+        loop {
+            match self.socket.read().expect("read a message") {
+                Message::Text(t) => {
+                    return serde_json::from_str(t.as_str()).expect("server sent JSON")
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// Next text message, or None if none arrives within `wait` (pings are answered meanwhile).
+    pub fn try_recv(&mut self, wait: Duration) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + wait;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            self.socket.get_mut().set_read_timeout(Some(left)).unwrap();
+            match self.socket.read() {
+                Ok(Message::Text(t)) => break Some(serde_json::from_str(t.as_str()).unwrap()),
+                Ok(Message::Close(_)) => break None,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break None
+                }
+                Err(_) => break None,
+            }
+        };
+        self.socket
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        result
+    }
+
+    /// Reads until an event named `event` (skipping others), with a 5 s timeout.
+    pub fn recv_event(&mut self, event: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(Instant::now() < deadline, "no {event} within 5 s");
+            let m = self.recv();
+            if m["event"] == event {
+                return m;
+            }
+        }
+    }
+
+    pub fn subscribe(&mut self, channel: &str) -> serde_json::Value {
+        self.send_json(
+            serde_json::json!({"event":"pusher:subscribe","data":{"auth":"","channel":channel}}),
+        );
+        self.recv()
+    }
+
+    pub fn auth_for(&self, channel: &str, channel_data: Option<&str>) -> String {
+        let mut to_sign = format!("{}:{channel}", self.socket_id);
+        if let Some(d) = channel_data {
+            to_sign.push(':');
+            to_sign.push_str(d);
+        }
+        format!(
+            "{KEY}:{}",
+            hmac_sha256_hex(SECRET.as_bytes(), to_sign.as_bytes())
+        )
+    }
+
+    pub fn subscribe_private(&mut self, channel: &str) -> serde_json::Value {
+        let auth = self.auth_for(channel, None);
+        self.send_json(
+            serde_json::json!({"event":"pusher:subscribe","data":{"auth":auth,"channel":channel}}),
+        );
+        self.recv()
+    }
+
+    pub fn subscribe_presence(
+        &mut self,
+        channel: &str,
+        user_id: &str,
+        info: serde_json::Value,
+    ) -> serde_json::Value {
+        let channel_data = serde_json::json!({"user_id": user_id, "user_info": info}).to_string();
+        let auth = self.auth_for(channel, Some(&channel_data));
+        self.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"auth":auth,"channel":channel,"channel_data":channel_data}}));
+        self.recv()
+    }
+
+    /// Waits for the server to close; returns the close code.
+    pub fn expect_close(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.socket.read() {
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => return None,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    continue
+                }
+                Err(e) => panic!("error while waiting for close: {e}"),
+            }
+        }
+        panic!("server did not close within 10 s");
+    }
+}
+
+/// `data` of a server event, decoded from its JSON string.
+pub fn data_of(m: &serde_json::Value) -> serde_json::Value {
+    serde_json::from_str(m["data"].as_str().expect("data is a string"))
+        .expect("data string holds JSON")
+}
