@@ -249,11 +249,18 @@ fn validate(
     })
 }
 
-fn publish(shard: &Shard, app: u32, event: &Event) {
-    for channel in &event.channels {
-        let frame = events::frame(&event.name, Some(channel), Data::Raw(&event.data), None);
-        shard.publish(ChannelKey::new(app, channel), frame, event.except);
+/// Publishes every event, then waits until the channels' home shards have sequenced them.
+async fn publish(shard: &Shard, app: u32, events: &[Event]) {
+    let mut keys = Vec::new();
+    for event in events {
+        for channel in &event.channels {
+            let key = ChannelKey::new(app, channel);
+            let frame = events::frame(&event.name, Some(channel), Data::Raw(&event.data), None);
+            shard.publish(key.clone(), frame, event.except);
+            keys.push(key);
+        }
     }
+    shard.sequenced(keys.iter()).await;
 }
 
 /// `{"name":{"user_count":1,"subscription_count":2},...}` for the requested attributes.
@@ -311,7 +318,7 @@ async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Re
         Err(reply) => return reply,
     };
     shard.backpressure().await;
-    publish(shard, app, &event);
+    publish(shard, app, std::slice::from_ref(&event)).await;
     if event.info.is_empty() {
         return ok("{}".into());
     }
@@ -360,9 +367,7 @@ async fn batch(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Repl
         }
     }
     shard.backpressure().await;
-    for event in &events {
-        publish(shard, app, event);
-    }
+    publish(shard, app, &events).await;
     if events.iter().all(|e| e.info.is_empty()) {
         return ok("{}".into());
     }

@@ -64,6 +64,8 @@ pub enum Query {
         app: u32,
         prefix: String,
     },
+    /// Answered once everything sent to that shard before it has been handled.
+    Barrier,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,4 +78,5 @@ pub enum QueryReply {
     Channel(ChannelStats),
     Users(Vec<String>),
     List(Vec<(String, ChannelStats)>),
+    Barrier,
 }

@@ -447,6 +447,7 @@ impl Shard {
                     .map(|(k, c)| (k.name.to_string(), stats(c)))
                     .collect(),
             ),
+            Query::Barrier => QueryReply::Barrier,
         }
     }
 
@@ -475,6 +476,21 @@ impl Shard {
             }
         })
         .await
+    }
+
+    /// Waits until the home shards of `keys` have handled what this shard sent them so far, so
+    /// that a publisher who waits for its HTTP response sees its events delivered in order even
+    /// when its next request lands on another shard.
+    pub async fn sequenced<'a>(&self, keys: impl Iterator<Item = &'a ChannelKey>) {
+        let mut homes: Vec<usize> = keys
+            .map(|k| k.home(self.shared.shards))
+            .filter(|&h| h != self.id)
+            .collect();
+        homes.sort_unstable();
+        homes.dedup();
+        for home in homes {
+            self.query(home, Query::Barrier).await;
+        }
     }
 
     pub async fn channel_stats(&self, key: ChannelKey) -> ChannelStats {
@@ -515,7 +531,7 @@ impl Shard {
                 self.begin_shutdown();
             }
             tick += 1;
-            if tick % 4 != 0 {
+            if !tick.is_multiple_of(4) {
                 continue;
             }
             let now = self.now_secs();
