@@ -180,10 +180,6 @@ impl Conn {
         self.out.borrow().bytes
     }
 
-    pub fn has_pending(&self) -> bool {
-        !self.out.borrow().frames.is_empty()
-    }
-
     /// Writes as much of the queue as the socket takes, many frames per syscall.
     /// `Ok(true)` when the queue is empty afterwards, `Ok(false)` when the socket is full.
     pub fn flush(&self, fd: RawFd) -> io::Result<bool> {
