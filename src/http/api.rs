@@ -126,7 +126,36 @@ struct Event {
     data: String,
     channels: Vec<String>,
     except: Option<u64>,
-    info: Vec<String>,
+    info: Attributes,
+}
+
+/// The `info` attributes a request asked for (comma-separated; unknown names are ignored).
+#[derive(Clone, Copy, Default)]
+struct Attributes {
+    /// Any attribute was named: the response then carries per-channel objects.
+    requested: bool,
+    user_count: bool,
+    subscription_count: bool,
+}
+
+impl Attributes {
+    fn parse(info: Option<&str>) -> Attributes {
+        let mut attributes = Attributes::default();
+        for name in info
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            attributes.requested = true;
+            match name {
+                "user_count" => attributes.user_count = true,
+                "subscription_count" => attributes.subscription_count = true,
+                _ => {}
+            }
+        }
+        attributes
+    }
 }
 
 fn validate(
@@ -231,15 +260,7 @@ fn validate(
             Some(shard.shared.conn_id_of(&id).unwrap_or(u64::MAX))
         }
     };
-    let info = input
-        .info
-        .map(|s| {
-            s.split(',')
-                .map(|a| a.trim().to_owned())
-                .filter(|a| !a.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
+    let info = Attributes::parse(input.info.as_deref());
     Ok(Event {
         name: name.into_owned(),
         data: literal,
@@ -264,9 +285,7 @@ async fn publish(shard: &Shard, app: u32, events: &[Event]) {
 }
 
 /// `{"name":{"user_count":1,"subscription_count":2},...}` for the requested attributes.
-async fn info_json(shard: &Shard, app: u32, channels: &[String], info: &[String]) -> String {
-    let want_users = info.iter().any(|a| a == "user_count");
-    let want_subs = info.iter().any(|a| a == "subscription_count");
+async fn info_json(shard: &Shard, app: u32, channels: &[String], info: Attributes) -> String {
     let mut out = String::from("{");
     let mut seen: Vec<&str> = Vec::new();
     for channel in channels {
@@ -282,8 +301,8 @@ async fn info_json(shard: &Shard, app: u32, channels: &[String], info: &[String]
         out.push(':');
         out.push_str(&stats_json(
             &stats,
-            want_users && ChannelKind::of(channel) == ChannelKind::Presence,
-            want_subs,
+            info.user_count && ChannelKind::of(channel) == ChannelKind::Presence,
+            info.subscription_count,
             None,
         ));
     }
@@ -319,12 +338,12 @@ async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Re
     };
     shard.backpressure().await;
     publish(shard, app, std::slice::from_ref(&event)).await;
-    if event.info.is_empty() {
+    if !event.info.requested {
         return ok("{}".into());
     }
     ok(format!(
         "{{\"channels\":{}}}",
-        info_json(shard, app, &event.channels, &event.info).await
+        info_json(shard, app, &event.channels, event.info).await
     ))
 }
 
@@ -368,38 +387,28 @@ async fn batch(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Repl
     }
     shard.backpressure().await;
     publish(shard, app, &events).await;
-    if events.iter().all(|e| e.info.is_empty()) {
+    if events.iter().all(|e| !e.info.requested) {
         return ok("{}".into());
     }
     let mut items = Vec::with_capacity(events.len());
     for event in &events {
         let channel = &event.channels[0];
         let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
-        let users = event.info.iter().any(|a| a == "user_count")
-            && ChannelKind::of(channel) == ChannelKind::Presence;
-        let subs = event.info.iter().any(|a| a == "subscription_count");
-        items.push(stats_json(&stats, users, subs, None));
+        let users = event.info.user_count && ChannelKind::of(channel) == ChannelKind::Presence;
+        items.push(stats_json(
+            &stats,
+            users,
+            event.info.subscription_count,
+            None,
+        ));
     }
     ok(format!("{{\"batch\":[{}]}}", items.join(",")))
 }
 
-fn info_list(params: &Params) -> Vec<String> {
-    get(params, "info")
-        .map(|s| {
-            s.split(',')
-                .map(|a| a.trim().to_owned())
-                .filter(|a| !a.is_empty())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn list_channels(shard: &Shard, app: u32, params: &Params) -> Reply {
     let prefix = get(params, "filter_by_prefix").unwrap_or("").to_owned();
-    let info = info_list(params);
-    let want_users = info.iter().any(|a| a == "user_count");
-    let want_subs = info.iter().any(|a| a == "subscription_count");
-    if want_users && !prefix.starts_with("presence-") {
+    let info = Attributes::parse(get(params, "info"));
+    if info.user_count && !prefix.starts_with("presence-") {
         return fail(400, "info=user_count needs filter_by_prefix=presence-");
     }
     let mut all: Vec<(String, ChannelStats)> = Vec::new();
@@ -424,7 +433,7 @@ async fn list_channels(shard: &Shard, app: u32, params: &Params) -> Reply {
             format!(
                 "{}:{}",
                 str_literal(name),
-                stats_json(stats, want_users, want_subs, None)
+                stats_json(stats, info.user_count, info.subscription_count, None)
             )
         })
         .collect();
@@ -438,18 +447,15 @@ async fn channel_info(shard: &Shard, app: u32, channel: &str, params: &Params) -
     ) {
         return fail(400, message);
     }
-    let info = info_list(params);
-    let presence = ChannelKind::of(channel) == ChannelKind::Presence;
-    let want_users = info.iter().any(|a| a == "user_count");
-    if want_users && !presence {
+    let info = Attributes::parse(get(params, "info"));
+    if info.user_count && ChannelKind::of(channel) != ChannelKind::Presence {
         return fail(400, "info=user_count is only for presence channels");
     }
-    let want_subs = info.iter().any(|a| a == "subscription_count");
     let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
     ok(stats_json(
         &stats,
-        want_users,
-        want_subs,
+        info.user_count,
+        info.subscription_count,
         Some(stats.subscription_count > 0),
     ))
 }
