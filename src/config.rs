@@ -49,6 +49,22 @@ pub struct AppConfig {
     pub max_event_name_length: u32,
     pub max_event_channels_at_once: u32,
     pub max_event_batch_size: u32,
+    /// `pusher:signin` (user authentication, `#server-to-user-` events, terminate).
+    pub enable_user_authentication: bool,
+    /// `pusher_internal:watchlist_events` for the `watchlist` in sign-in user data.
+    pub enable_watchlist_events: bool,
+    /// Ids taken from a sign-in watchlist; the rest are dropped with error 4302.
+    pub max_watchlist_size: u32,
+    /// `pusher_internal:subscription_count` on every (un)subscribe of a non-presence channel.
+    pub enable_subscription_count: bool,
+    /// Close (4009) connections that neither sign in nor join a private/presence channel in time.
+    pub enable_authorized_connections: bool,
+    /// Seconds an unauthorized connection may stay open when the switch above is on.
+    pub authorization_timeout: u32,
+    /// Seconds a cache channel keeps its last HTTP event.
+    pub cache_ttl: u32,
+    /// Longest user id (presence `user_id`, sign-in `id`) in characters.
+    pub max_user_id_length: u32,
 }
 
 impl Default for Config {
@@ -87,6 +103,14 @@ impl Default for AppConfig {
             max_event_name_length: 200,
             max_event_channels_at_once: 100,
             max_event_batch_size: 10,
+            enable_user_authentication: true,
+            enable_watchlist_events: false,
+            max_watchlist_size: 100,
+            enable_subscription_count: false,
+            enable_authorized_connections: false,
+            authorization_timeout: 30,
+            cache_ttl: 1800,
+            max_user_id_length: 128,
         }
     }
 }
@@ -262,6 +286,8 @@ impl Config {
                 key: key.into(),
                 secret: secret.into(),
                 enable_client_messages: true,
+                enable_watchlist_events: true,
+                enable_subscription_count: true,
                 ..AppConfig::default()
             });
         }
@@ -355,6 +381,10 @@ impl Config {
                 ("max_event_name_length", app.max_event_name_length),
                 ("max_event_channels_at_once", app.max_event_channels_at_once),
                 ("max_event_batch_size", app.max_event_batch_size),
+                ("max_watchlist_size", app.max_watchlist_size),
+                ("authorization_timeout", app.authorization_timeout),
+                ("cache_ttl", app.cache_ttl),
+                ("max_user_id_length", app.max_user_id_length),
             ];
             for (field, value) in positive {
                 if value == 0 {

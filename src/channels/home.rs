@@ -17,6 +17,10 @@ pub struct HomeChannel {
     pub total: u32,
     /// Presence channels only: user id -> member, in join order.
     pub members: Option<Vec<(String, Member)>>,
+    /// When `pusher_internal:subscription_count` last went out, and whether a change since then
+    /// is waiting for the throttle (busy channels get it at most every few seconds).
+    pub count_sent: Option<std::time::Instant>,
+    pub count_pending: bool,
 }
 
 /// What a join did to a presence channel.
@@ -33,6 +37,8 @@ impl HomeChannel {
             per_shard: vec![0; shards],
             total: 0,
             members: None,
+            count_sent: None,
+            count_pending: false,
         }
     }
 
@@ -89,6 +95,10 @@ impl HomeChannels {
 
     pub fn get(&self, key: &ChannelKey) -> Option<&HomeChannel> {
         self.channels.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &ChannelKey) -> Option<&mut HomeChannel> {
+        self.channels.get_mut(key)
     }
 
     /// Counts a socket from `shard`. For presence, `member` is (user id, user_info JSON) and

@@ -5,10 +5,10 @@ use super::signature::{self, get, parse_query, percent_decode, Query as Params};
 use super::Head;
 use crate::channels::ChannelKey;
 use crate::config::AppConfig;
-use crate::protocol::channel::{validate_name, ChannelKind};
+use crate::protocol::channel::{is_cache_channel, validate_name, ChannelKind};
 use crate::protocol::events::{self, Data};
 use crate::protocol::json::{self, str_literal};
-use crate::shard::messages::{ChannelStats, Query, QueryReply};
+use crate::shard::messages::{CachedEvent, ChannelStats, Query, QueryReply};
 use crate::shard::Shard;
 use serde::Deserialize;
 use sonic_rs::{JsonValueTrait, LazyValue};
@@ -46,14 +46,21 @@ pub async fn handle(shard: &Shard, head: &Head, body: &[u8]) -> Reply {
         };
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let ["apps", app_id, rest @ ..] = segments.as_slice() else {
-        return fail(404, format!("Not found: {path}"));
+    let params = parse_query(raw_query);
+    // pusher-http-python signs and sends `/users/{id}/terminate_connections` without the
+    // `/apps/{id}` prefix (§5.9): its app is the one whose key signed the request.
+    let (app, rest) = match segments.as_slice() {
+        ["apps", app_id, rest @ ..] => (shard.shared.app_by_id(&percent_decode(app_id)), rest),
+        rest @ ["users", _, "terminate_connections"] => (
+            get(&params, "auth_key").and_then(|k| shard.shared.app_by_key(k)),
+            rest,
+        ),
+        _ => return fail(404, format!("Not found: {path}")),
     };
-    let Some(app) = shard.shared.app_by_id(&percent_decode(app_id)) else {
-        return fail(404, format!("Unknown app id {app_id}"));
+    let Some(app) = app else {
+        return fail(404, format!("Unknown app for {path}"));
     };
     let config = shard.shared.app(app);
-    let params = parse_query(raw_query);
     if let Err(reply) = authenticate(config, &head.method, path, &params, body) {
         return reply;
     }
@@ -71,13 +78,24 @@ pub async fn handle(shard: &Shard, head: &Head, body: &[u8]) -> Reply {
         ("GET", ["channels", channel, "users"]) => {
             channel_users(shard, app, &percent_decode(channel)).await
         }
+        ("POST", ["users", user_id, "terminate_connections"]) => {
+            terminate(shard, app, config, &percent_decode(user_id)).await
+        }
+        ("POST", ["channels", channel, "events"]) => {
+            let channel = percent_decode(channel);
+            deprecated_trigger(shard, app, config, &channel, &params, body).await
+        }
+        ("GET", ["channels", channel, "stats"]) => {
+            deprecated_stats(shard, app, &percent_decode(channel)).await
+        }
         (
             _,
             ["events"]
             | ["batch_events"]
             | ["channels"]
             | ["channels", _]
-            | ["channels", _, "users"],
+            | ["channels", _, "users" | "events" | "stats"]
+            | ["users", _, "terminate_connections"],
         ) => fail(405, format!("Method {method} not allowed on {path}")),
         _ => fail(404, format!("Not found: {path}")),
     }
@@ -136,6 +154,7 @@ struct Attributes {
     requested: bool,
     user_count: bool,
     subscription_count: bool,
+    cache: bool,
 }
 
 impl Attributes {
@@ -151,6 +170,7 @@ impl Attributes {
             match name {
                 "user_count" => attributes.user_count = true,
                 "subscription_count" => attributes.subscription_count = true,
+                "cache" => attributes.cache = true,
                 _ => {}
             }
         }
@@ -277,7 +297,7 @@ async fn publish(shard: &Shard, app: u32, events: &[Event]) {
         for channel in &event.channels {
             let key = ChannelKey::new(app, channel);
             let frame = events::frame(&event.name, Some(channel), Data::Raw(&event.data), None);
-            shard.publish(key.clone(), frame, event.except);
+            shard.publish(key.clone(), frame, event.except, is_cache_channel(channel));
             keys.push(key);
         }
     }
@@ -451,13 +471,112 @@ async fn channel_info(shard: &Shard, app: u32, channel: &str, params: &Params) -
     if info.user_count && ChannelKind::of(channel) != ChannelKind::Presence {
         return fail(400, "info=user_count is only for presence channels");
     }
-    let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
-    ok(stats_json(
+    let key = ChannelKey::new(app, channel);
+    let home = key.home(shard.shared.shards);
+    let cache = info.cache && is_cache_channel(channel);
+    let QueryReply::Channel(stats, cached) = shard.query(home, Query::Channel { key, cache }).await
+    else {
+        return fail(500, "Unexpected reply from the channel's shard");
+    };
+    let mut body = stats_json(
         &stats,
         info.user_count,
         info.subscription_count,
         Some(stats.subscription_count > 0),
+    );
+    if info.cache {
+        body.pop();
+        body.push_str(",\"cache\":");
+        body.push_str(&cache_json(cached.as_ref()));
+        body.push('}');
+    }
+    ok(body)
+}
+
+/// `{"event":..,"data":..,"ttl":seconds}` of a cached event, or `null`.
+fn cache_json(cached: Option<&CachedEvent>) -> String {
+    let Some(cached) = cached else {
+        return "null".into();
+    };
+    let envelope = crate::protocol::ws::payload_of(&cached.frame);
+    let event = sonic_rs::get(envelope, ["event"]);
+    let data = sonic_rs::get(envelope, ["data"]);
+    match (event, data) {
+        (Ok(event), Ok(data)) => format!(
+            "{{\"event\":{},\"data\":{},\"ttl\":{}}}",
+            event.as_raw_str(),
+            data.as_raw_str(),
+            cached.ttl_secs
+        ),
+        _ => "null".into(),
+    }
+}
+
+/// The deprecated `GET .../channels/{name}/stats` (§5.7).
+async fn deprecated_stats(shard: &Shard, app: u32, channel: &str) -> Reply {
+    if let Err(message) = validate_name(
+        channel,
+        shard.shared.app(app).max_channel_name_length as usize,
+    ) {
+        return fail(400, message);
+    }
+    let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
+    let presence = ChannelKind::of(channel) == ChannelKind::Presence;
+    let users = match presence {
+        true => format!(",\"user_count\":{}", stats.user_count),
+        false => String::new(),
+    };
+    ok(format!(
+        "{{\"occupied\":{}{users},\"connection_count\":{}}}",
+        stats.subscription_count > 0,
+        stats.subscription_count
     ))
+}
+
+/// The deprecated `POST .../channels/{channel}/events?name=..[&socket_id=..]` whose body is the
+/// event data itself (§5.10).
+async fn deprecated_trigger(
+    shard: &Shard,
+    app: u32,
+    config: &AppConfig,
+    channel: &str,
+    params: &Params,
+    body: &[u8],
+) -> Reply {
+    let Ok(data) = std::str::from_utf8(body) else {
+        return fail(400, "Event data must be UTF-8 text");
+    };
+    let literal = str_literal(data);
+    let Ok(data) = sonic_rs::from_str::<LazyValue<'_>>(&literal) else {
+        return fail(400, "Invalid event data");
+    };
+    let input = EventIn {
+        name: get(params, "name").map(std::borrow::Cow::Borrowed),
+        data: Some(data),
+        channels: None,
+        channel: Some(channel.to_owned()),
+        socket_id: get(params, "socket_id").map(std::borrow::Cow::Borrowed),
+        info: None,
+    };
+    let event = match validate(shard, config, input, true) {
+        Ok(e) => e,
+        Err(reply) => return reply,
+    };
+    shard.backpressure().await;
+    publish(shard, app, std::slice::from_ref(&event)).await;
+    ok("{}".into())
+}
+
+/// Closes every connection signed in as the user, on every shard (§5.9).
+async fn terminate(shard: &Shard, app: u32, config: &AppConfig, user_id: &str) -> Reply {
+    let limit = config.max_user_id_length as usize;
+    if user_id.is_empty() || user_id.chars().count() > limit {
+        return fail(400, format!("A user id has 1 to {limit} characters"));
+    }
+    let key = ChannelKey::user(app, user_id);
+    shard.terminate_user(key.clone());
+    shard.sequenced(std::iter::once(&key)).await;
+    ok("{}".into())
 }
 
 async fn channel_users(shard: &Shard, app: u32, channel: &str) -> Reply {

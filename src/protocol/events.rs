@@ -123,6 +123,69 @@ pub fn member_removed(channel: &str, user_id: &str) -> Vec<u8> {
     )
 }
 
+/// `pusher:signin_success`: object data whose `user_data` is the exact string the client sent.
+pub fn signin_success(user_data: &str) -> Vec<u8> {
+    let mut data = Vec::with_capacity(16 + user_data.len());
+    data.extend_from_slice(b"{\"user_data\":");
+    push_str_literal(&mut data, user_data);
+    data.push(b'}');
+    let data = String::from_utf8(data).unwrap_or_default();
+    frame("pusher:signin_success", None, Data::Raw(&data), None)
+}
+
+/// `pusher_internal:watchlist_events` with an `online` and an `offline` entry, empty ones left out.
+pub fn watchlist_events<'a>(
+    online: impl Iterator<Item = &'a str>,
+    offline: impl Iterator<Item = &'a str>,
+) -> Vec<u8> {
+    let mut data = Vec::with_capacity(96);
+    data.extend_from_slice(b"{\"events\":[");
+    let mut entries = 0;
+    for (name, ids) in [
+        ("online", online.collect::<Vec<_>>()),
+        ("offline", offline.collect()),
+    ] {
+        if ids.is_empty() {
+            continue;
+        }
+        if entries > 0 {
+            data.push(b',');
+        }
+        entries += 1;
+        data.extend_from_slice(format!("{{\"name\":\"{name}\",\"user_ids\":[").as_bytes());
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                data.push(b',');
+            }
+            push_str_literal(&mut data, id);
+        }
+        data.extend_from_slice(b"]}");
+    }
+    data.extend_from_slice(b"]}");
+    let data = String::from_utf8(data).unwrap_or_default();
+    frame(
+        "pusher_internal:watchlist_events",
+        None,
+        Data::Raw(&data),
+        None,
+    )
+}
+
+/// `pusher:cache_miss`, with `"data":"{}"` so that clients reading `data` find a value (§2.4.9).
+pub fn cache_miss(channel: &str) -> Vec<u8> {
+    frame("pusher:cache_miss", Some(channel), Data::Text("{}"), None)
+}
+
+pub fn subscription_count(channel: &str, count: u32) -> Vec<u8> {
+    let data = format!("{{\"subscription_count\":{count}}}");
+    frame(
+        "pusher_internal:subscription_count",
+        Some(channel),
+        Data::Text(&data),
+        None,
+    )
+}
+
 /// One message from a client. Strings borrow from the frame when they hold no escapes.
 #[derive(Deserialize)]
 pub struct ClientMessage<'a> {
@@ -149,6 +212,65 @@ pub struct UnsubscribeData {
     pub channel: String,
 }
 
+#[derive(Deserialize)]
+pub struct SigninData {
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// Kept as the exact decoded string: it is part of the signed text.
+    #[serde(default)]
+    pub user_data: Option<String>,
+}
+
+/// The sign-in `user_data`: `id` (string, or a number taken as its text), `user_info`, `watchlist`.
+pub struct UserData {
+    pub id: String,
+    /// Compact JSON of `user_info`, `null` when absent.
+    pub info: String,
+    pub watchlist: Vec<String>,
+}
+
+pub fn parse_user_data(text: &str) -> Result<UserData, &'static str> {
+    let value: LazyValue<'_> =
+        sonic_rs::from_str(text).map_err(|_| "user_data is not valid JSON")?;
+    let raw = value.as_raw_str();
+    let id = sonic_rs::get(raw, ["id"]).map_err(|_| "user_data has no id")?;
+    let id = user_id_text(&id).ok_or("user_data id must be a non-empty string")?;
+    let info = match sonic_rs::get(raw, ["user_info"]) {
+        Ok(info) => super::json::compact(info.as_raw_str()).ok_or("user_info is not valid JSON")?,
+        Err(_) => "null".to_owned(),
+    };
+    let watchlist = match sonic_rs::get(raw, ["watchlist"]) {
+        Err(_) => Vec::new(),
+        Ok(list) if list.is_null() => Vec::new(),
+        Ok(list) => {
+            let items: Vec<LazyValue<'_>> = sonic_rs::from_str(list.as_raw_str())
+                .map_err(|_| "watchlist must be an array of user ids")?;
+            items
+                .iter()
+                .map(user_id_text)
+                .collect::<Option<Vec<_>>>()
+                .ok_or("watchlist must be an array of user ids")?
+        }
+    };
+    Ok(UserData {
+        id,
+        info,
+        watchlist,
+    })
+}
+
+/// A user id as text: a non-empty string, or a number (as the docs allow for presence).
+fn user_id_text(value: &LazyValue<'_>) -> Option<String> {
+    let text = if let Some(s) = value.as_str() {
+        s.to_owned()
+    } else if value.is_number() {
+        value.as_raw_str().to_owned()
+    } else {
+        return None;
+    };
+    (!text.is_empty()).then_some(text)
+}
+
 /// Presence `channel_data`: `user_id` may be a string or a number; `user_info` any JSON.
 pub struct PresenceMember {
     pub user_id: String,
@@ -161,16 +283,7 @@ pub fn parse_channel_data(text: &str) -> Result<PresenceMember, &'static str> {
         sonic_rs::from_str(text).map_err(|_| "channel_data is not valid JSON")?;
     let user_id = sonic_rs::get(value.as_raw_str(), ["user_id"])
         .map_err(|_| "channel_data has no user_id")?;
-    let user_id = if let Some(s) = user_id.as_str() {
-        s.to_owned()
-    } else if user_id.is_number() {
-        user_id.as_raw_str().to_owned()
-    } else {
-        return Err("user_id must be a string or a number");
-    };
-    if user_id.is_empty() {
-        return Err("user_id must not be empty");
-    }
+    let user_id = user_id_text(&user_id).ok_or("user_id must be a non-empty string or a number")?;
     let user_info = match sonic_rs::get(value.as_raw_str(), ["user_info"]) {
         Ok(info) => super::json::compact(info.as_raw_str()).ok_or("user_info is not valid JSON")?,
         Err(_) => "null".to_owned(),
@@ -194,7 +307,7 @@ mod tests {
     use super::*;
 
     fn json_of(frame: &[u8]) -> sonic_rs::Value {
-        sonic_rs::from_slice(&frame[2..]).unwrap()
+        sonic_rs::from_slice(crate::protocol::ws::payload_of(frame)).unwrap()
     }
 
     #[test]
@@ -272,5 +385,49 @@ mod tests {
         let sub: SubscribeData = decode_object(m.data.as_ref()).unwrap();
         assert_eq!(sub.channel, "b");
         assert!(sub.auth.is_none());
+    }
+
+    #[test]
+    fn signin_success_and_watchlist_events_have_object_data() {
+        let v = json_of(&signin_success(r#"{"id":"1"}"#));
+        assert_eq!(v["data"]["user_data"].as_str(), Some(r#"{"id":"1"}"#));
+        let v = json_of(&watchlist_events(
+            ["2", "3"].into_iter(),
+            std::iter::empty(),
+        ));
+        assert_eq!(
+            v["event"].as_str(),
+            Some("pusher_internal:watchlist_events")
+        );
+        let text = sonic_rs::to_string(&v["data"]).unwrap();
+        assert_eq!(
+            text,
+            r#"{"events":[{"name":"online","user_ids":["2","3"]}]}"#
+        );
+        let v = json_of(&watchlist_events(["2"].into_iter(), ["4"].into_iter()));
+        assert_eq!(v["data"]["events"][1]["name"].as_str(), Some("offline"));
+    }
+
+    #[test]
+    fn cache_miss_and_subscription_count() {
+        let v = json_of(&cache_miss("cache-a"));
+        assert_eq!(v["data"].as_str(), Some("{}"));
+        let v = json_of(&subscription_count("a", 42));
+        assert_eq!(v["data"].as_str(), Some(r#"{"subscription_count":42}"#));
+    }
+
+    #[test]
+    fn user_data_needs_an_id_and_reads_info_and_watchlist() {
+        let u = parse_user_data(r#"{"id":"12345","user_info":{"name":"Ann"},"watchlist":["2",3]}"#)
+            .unwrap();
+        assert_eq!(u.id, "12345");
+        assert_eq!(u.info, r#"{"name":"Ann"}"#);
+        assert_eq!(u.watchlist, vec!["2", "3"]);
+        let u = parse_user_data(r#"{"id":"1"}"#).unwrap();
+        assert_eq!((u.info.as_str(), u.watchlist.len()), ("null", 0));
+        assert!(parse_user_data(r#"{"id":""}"#).is_err());
+        assert!(parse_user_data(r#"{"user_info":{}}"#).is_err());
+        assert!(parse_user_data(r#"{"id":"1","watchlist":"2"}"#).is_err());
+        assert!(parse_user_data("x").is_err());
     }
 }

@@ -25,6 +25,16 @@ pub fn encode_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The payload of a frame made by `encode_frame` (server frames are never masked).
+pub fn payload_of(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.get(header..).unwrap_or(&[])
+}
+
 pub fn text_frame(json: &[u8]) -> Vec<u8> {
     encode_frame(OP_TEXT, json)
 }
@@ -254,6 +264,14 @@ pub(crate) mod tests {
         unmask(&mut body, mask);
         out.extend_from_slice(&body);
         out
+    }
+
+    #[test]
+    fn payload_of_skips_every_header_form() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![b'x'; len];
+            assert_eq!(payload_of(&text_frame(&payload)), &payload[..]);
+        }
     }
 
     #[test]

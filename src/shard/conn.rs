@@ -46,6 +46,12 @@ pub struct Conn {
     pub aborted: Cell<bool>,
     /// Client-event token bucket: (last refill, shard-clock ms; tokens).
     pub rate: Cell<(u64, f32)>,
+    /// Shard-clock second the connection was admitted (for the authorization timeout).
+    pub connected_at: u32,
+    /// Signed in, or confirmed on a private/presence channel (authorized connections, §3.6).
+    pub authorized: Cell<bool>,
+    /// The user this connection signed in as (`pusher:signin`).
+    pub user: RefCell<Option<Box<super::user::SignedIn>>>,
 }
 
 /// Seconds a closing connection gets to flush and see the peer's close before it is dropped.
@@ -66,6 +72,9 @@ impl Conn {
             peer_closed: Cell::new(false),
             aborted: Cell::new(false),
             rate: Cell::new((0, burst)),
+            connected_at: now,
+            authorized: Cell::new(false),
+            user: RefCell::new(None),
         }
     }
 

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 pub enum ShardMsg {
     /// To the home shard: count a socket of `origin` in the channel (presence: with its member).
+    /// A sign-in is a join of the user's `#server-to-user-` channel.
     Join(JoinRequest),
-    /// From the home shard back to the socket's shard. `Ok(Some(frame))` is the presence
-    /// `subscription_succeeded`; `Ok(None)` means send the plain one.
+    /// From the home shard back to the socket's shard.
     JoinReply {
         key: ChannelKey,
         conn: u64,
         repeat: bool,
         user_id: Option<String>,
-        result: Result<Option<Arc<[u8]>>, String>,
+        result: Result<JoinAck, String>,
     },
     /// To the home shard: uncount a socket of `origin`.
     Leave {
@@ -22,17 +22,49 @@ pub enum ShardMsg {
         origin: usize,
         user_id: Option<String>,
     },
-    /// To the home shard: fan `frame` out to every subscriber except socket `except`.
+    /// To the home shard: fan `frame` out to every subscriber except socket `except`; `cache`:
+    /// an HTTP API event on a cache channel, to be kept for later subscribers.
     Publish {
         key: ChannelKey,
         frame: Arc<[u8]>,
         except: Option<u64>,
+        cache: bool,
     },
     /// From the home shard to a shard with subscribers: write `frame` to the local ones.
     Deliver {
         key: ChannelKey,
         frame: Arc<[u8]>,
         except: Option<u64>,
+    },
+    /// To the home of the user `key` stands for: connection `conn` of `origin` watches that user.
+    Watch {
+        key: ChannelKey,
+        origin: usize,
+        conn: u64,
+    },
+    /// The user's status when the watch was registered.
+    WatchReply {
+        key: ChannelKey,
+        conn: u64,
+        online: bool,
+    },
+    Unwatch {
+        key: ChannelKey,
+        origin: usize,
+    },
+    /// From a user's home to each shard with watchers: the user's first connection signed in
+    /// (online) or the last one left (offline).
+    UserStatus {
+        key: ChannelKey,
+        online: bool,
+    },
+    /// To a user's home: close every connection signed in as that user.
+    Terminate {
+        key: ChannelKey,
+    },
+    /// From the user's home to each shard with such connections.
+    CloseUser {
+        key: ChannelKey,
     },
     Query {
         origin: usize,
@@ -43,6 +75,14 @@ pub enum ShardMsg {
         id: u64,
         reply: QueryReply,
     },
+}
+
+/// What the home shard sends with a successful join.
+pub struct JoinAck {
+    /// Presence: the `subscription_succeeded` with the member list (None: the plain one).
+    pub succeeded: Option<Arc<[u8]>>,
+    /// Cache channels: the cached event, or `pusher:cache_miss`, to send right after it.
+    pub then: Option<Arc<[u8]>>,
 }
 
 pub struct JoinRequest {
@@ -57,7 +97,11 @@ pub struct JoinRequest {
 }
 
 pub enum Query {
-    Channel(ChannelKey),
+    /// Counts, and with `cache` the cached event of a cache channel.
+    Channel {
+        key: ChannelKey,
+        cache: bool,
+    },
     Users(ChannelKey),
     /// Occupied channels of an app homed on the asked shard.
     List {
@@ -75,8 +119,14 @@ pub struct ChannelStats {
 }
 
 pub enum QueryReply {
-    Channel(ChannelStats),
+    Channel(ChannelStats, Option<CachedEvent>),
     Users(Vec<String>),
     List(Vec<(String, ChannelStats)>),
     Barrier,
+}
+
+/// A cache channel's stored event: its complete frame and the seconds it has left.
+pub struct CachedEvent {
+    pub frame: Arc<[u8]>,
+    pub ttl_secs: u64,
 }

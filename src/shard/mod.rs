@@ -3,17 +3,22 @@
 //! they talk only through `ShardMsg` over the channel mesh.
 
 pub mod conn;
+mod home;
 pub mod messages;
 pub mod session;
+pub mod user;
 
-use crate::channels::home::{HomeChannels, Joined};
+use crate::channels::cache::ChannelCache;
+use crate::channels::home::HomeChannels;
 use crate::channels::local::LocalChannels;
+use crate::channels::watch::WatchCounts;
 use crate::channels::ChannelKey;
 use crate::config::{AppConfig, Config};
+use crate::protocol::channel::ChannelKind;
 use crate::protocol::events;
 use ahash::AHashMap;
 use conn::Conn;
-use messages::{ChannelStats, JoinRequest, Query, QueryReply, ShardMsg};
+use messages::{ChannelStats, JoinAck, JoinRequest, Query, QueryReply, ShardMsg};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -108,7 +113,15 @@ pub struct Shard {
     pub shared: Arc<Shared>,
     pub conns: RefCell<AHashMap<u64, Rc<Conn>>>,
     pub local: RefCell<LocalChannels>,
+    /// Signed-in connections of this shard by the `#server-to-user-` key of each user they watch.
+    pub watching: RefCell<LocalChannels>,
     pub home: RefCell<HomeChannels>,
+    /// Home side: last HTTP event of each cache channel homed here.
+    pub cache: RefCell<ChannelCache>,
+    /// Home side: watchers per shard of each user homed here.
+    pub watchers: RefCell<WatchCounts>,
+    /// Home side: channels whose `subscription_count` waits for the throttle.
+    pending_counts: RefCell<Vec<ChannelKey>>,
     outbox: RefCell<Vec<VecDeque<ShardMsg>>>,
     outbox_wakers: RefCell<Vec<Option<Waker>>>,
     queries: RefCell<AHashMap<u64, Rc<ReplySlot>>>,
@@ -131,7 +144,11 @@ impl Shard {
             id,
             conns: RefCell::new(AHashMap::new()),
             local: RefCell::new(LocalChannels::default()),
+            watching: RefCell::new(LocalChannels::default()),
             home: RefCell::new(HomeChannels::new(n)),
+            cache: RefCell::new(ChannelCache::default()),
+            watchers: RefCell::new(WatchCounts::new(n)),
+            pending_counts: RefCell::new(Vec::new()),
             outbox: RefCell::new((0..n).map(|_| VecDeque::new()).collect()),
             outbox_wakers: RefCell::new((0..n).map(|_| None).collect()),
             queries: RefCell::new(AHashMap::new()),
@@ -199,16 +216,30 @@ impl Shard {
                 repeat,
                 user_id,
                 result,
-            } => self.on_join_reply(key, conn, repeat, user_id, result),
+            } => match key.user_id() {
+                Some(_) => self.on_signin_reply(key, conn, result.is_ok()),
+                None => self.on_join_reply(key, conn, repeat, user_id, result),
+            },
             ShardMsg::Leave {
                 key,
                 origin,
                 user_id,
             } => self.home_leave(key, origin, user_id),
-            ShardMsg::Publish { key, frame, except } => self.home_publish(key, frame, except),
+            ShardMsg::Publish {
+                key,
+                frame,
+                except,
+                cache,
+            } => self.home_publish(key, frame, except, cache),
             ShardMsg::Deliver { key, frame, except } => {
                 self.deliver_local(&key, Rc::from(&frame[..]), except);
             }
+            ShardMsg::Watch { key, origin, conn } => self.home_watch(key, origin, conn),
+            ShardMsg::WatchReply { key, conn, online } => self.on_watch_reply(&key, conn, online),
+            ShardMsg::Unwatch { key, origin } => self.home_unwatch(key, origin),
+            ShardMsg::UserStatus { key, online } => self.on_user_status(&key, online),
+            ShardMsg::Terminate { key } => self.home_terminate(key),
+            ShardMsg::CloseUser { key } => self.close_user_local(&key),
             ShardMsg::Query { origin, id, query } => {
                 let reply = self.answer(query);
                 self.route(origin, ShardMsg::Reply { id, reply });
@@ -244,117 +275,17 @@ impl Shard {
         }
     }
 
-    /// Publishes a complete frame to a channel, wherever its subscribers are.
-    pub fn publish(&self, key: ChannelKey, frame: Vec<u8>, except: Option<u64>) {
+    /// Publishes a complete frame to a channel, wherever its subscribers are. `cache`: keep it
+    /// as the channel's cached event (HTTP API events on cache channels).
+    pub fn publish(&self, key: ChannelKey, frame: Vec<u8>, except: Option<u64>, cache: bool) {
         let home = key.home(self.shared.shards);
-        self.route(
-            home,
-            ShardMsg::Publish {
-                key,
-                frame: Arc::from(frame),
-                except,
-            },
-        );
-    }
-
-    fn home_publish(&self, key: ChannelKey, frame: Arc<[u8]>, except: Option<u64>) {
-        let targets: Vec<usize> = match self.home.borrow().get(&key) {
-            Some(channel) => channel.shards().collect(),
-            None => return,
-        };
-        self.broadcast(&targets, &key, frame, except);
-    }
-
-    fn broadcast(
-        &self,
-        targets: &[usize],
-        key: &ChannelKey,
-        frame: Arc<[u8]>,
-        except: Option<u64>,
-    ) {
-        for &shard in targets {
-            if shard == self.id {
-                self.deliver_local(key, Rc::from(&frame[..]), except);
-            } else {
-                let msg = ShardMsg::Deliver {
-                    key: key.clone(),
-                    frame: frame.clone(),
-                    except,
-                };
-                self.route(shard, msg);
-            }
-        }
-    }
-
-    fn home_join(&self, req: JoinRequest) {
-        let JoinRequest {
+        let msg = ShardMsg::Publish {
             key,
-            origin,
-            conn,
-            member,
-            max_members,
-            repeat,
-        } = req;
-        let user_id = member.as_ref().map(|(id, _)| id.clone());
-        let presence = member.is_some();
-        let outcome = if repeat {
-            Ok(Joined::Socket)
-        } else {
-            let m = member
-                .as_ref()
-                .map(|(id, info)| (id.as_str(), info.as_str()));
-            self.home.borrow_mut().join(&key, origin, m, max_members)
+            frame: Arc::from(frame),
+            except,
+            cache,
         };
-        let (result, announce) = match outcome {
-            Err(message) => (Err(message), None),
-            Ok(joined) => {
-                let home = self.home.borrow();
-                let channel = home.get(&key);
-                let frame = match (presence, channel) {
-                    (true, Some(c)) => Some(Arc::from(events::subscription_succeeded(
-                        &key.name,
-                        &c.presence_json(),
-                    ))),
-                    _ => None,
-                };
-                let announce = match (&member, joined, channel) {
-                    (Some((id, info)), Joined::NewMember, Some(c)) if !repeat => Some((
-                        c.shards().collect::<Vec<_>>(),
-                        events::member_added(&key.name, id, info),
-                    )),
-                    _ => None,
-                };
-                (Ok(frame), announce)
-            }
-        };
-        self.route(
-            origin,
-            ShardMsg::JoinReply {
-                key: key.clone(),
-                conn,
-                repeat,
-                user_id,
-                result,
-            },
-        );
-        if let Some((targets, frame)) = announce {
-            self.broadcast(&targets, &key, Arc::from(frame), Some(conn));
-        }
-    }
-
-    fn home_leave(&self, key: ChannelKey, origin: usize, user_id: Option<String>) {
-        let last = self
-            .home
-            .borrow_mut()
-            .leave(&key, origin, user_id.as_deref());
-        if let (true, Some(user_id)) = (last, user_id) {
-            let targets: Vec<usize> = match self.home.borrow().get(&key) {
-                Some(c) => c.shards().collect(),
-                None => return,
-            };
-            let frame = events::member_removed(&key.name, &user_id);
-            self.broadcast(&targets, &key, Arc::from(frame), None);
-        }
+        self.route(home, msg);
     }
 
     fn on_join_reply(
@@ -363,7 +294,7 @@ impl Shard {
         conn_id: u64,
         repeat: bool,
         user_id: Option<String>,
-        result: Result<Option<Arc<[u8]>>, String>,
+        result: Result<JoinAck, String>,
     ) {
         let conn = self.conns.borrow().get(&conn_id).cloned();
         let max = self.max_queued();
@@ -373,10 +304,19 @@ impl Shard {
             }
             return;
         };
-        let frame: Rc<[u8]> = match &result {
-            Ok(Some(frame)) => Rc::from(&frame[..]),
-            Ok(None) => Rc::from(events::subscription_succeeded(&key.name, "{}")),
-            Err(message) => Rc::from(events::error(None, message)),
+        let (frame, then): (Rc<[u8]>, _) = match &result {
+            Ok(JoinAck {
+                succeeded: Some(frame),
+                then,
+            }) => (Rc::from(&frame[..]), then.as_ref()),
+            Ok(JoinAck {
+                succeeded: None,
+                then,
+            }) => (
+                Rc::from(events::subscription_succeeded(&key.name, "{}")),
+                then.as_ref(),
+            ),
+            Err(message) => (Rc::from(events::error(None, message)), None),
         };
         if repeat {
             conn.send(frame, max);
@@ -390,8 +330,15 @@ impl Shard {
             (Some(i), true) => {
                 subs[i].confirmed = true;
                 drop(subs);
-                // Queue the confirmation before the socket can receive any channel event.
+                if ChannelKind::of(&key.name).needs_auth() {
+                    conn.authorized.set(true);
+                }
+                // Queue the confirmation (and the cached event) before the socket can receive
+                // any channel event.
                 conn.send(frame, max);
+                if let Some(then) = then {
+                    conn.send(Rc::from(&then[..]), max);
+                }
                 self.local.borrow_mut().add(key, conn);
             }
             (Some(i), false) => {
@@ -423,32 +370,6 @@ impl Shard {
                 user_id,
             },
         );
-    }
-
-    fn answer(&self, query: Query) -> QueryReply {
-        let home = self.home.borrow();
-        let stats = |c: &crate::channels::home::HomeChannel| ChannelStats {
-            subscription_count: c.total,
-            user_count: c.user_count(),
-        };
-        match query {
-            Query::Channel(key) => {
-                QueryReply::Channel(home.get(&key).map(stats).unwrap_or_default())
-            }
-            Query::Users(key) => QueryReply::Users(
-                home.get(&key)
-                    .and_then(|c| c.members.as_ref())
-                    .map(|m| m.iter().map(|(id, _)| id.clone()).collect())
-                    .unwrap_or_default(),
-            ),
-            Query::List { app, prefix } => QueryReply::List(
-                home.occupied(app, &prefix)
-                    .filter(|(k, _)| !k.name.starts_with('#'))
-                    .map(|(k, c)| (k.name.to_string(), stats(c)))
-                    .collect(),
-            ),
-            Query::Barrier => QueryReply::Barrier,
-        }
     }
 
     /// Asks shard `shard` (possibly this one) and waits for the answer.
@@ -495,8 +416,8 @@ impl Shard {
 
     pub async fn channel_stats(&self, key: ChannelKey) -> ChannelStats {
         let home = key.home(self.shared.shards);
-        match self.query(home, Query::Channel(key)).await {
-            QueryReply::Channel(stats) => stats,
+        match self.query(home, Query::Channel { key, cache: false }).await {
+            QueryReply::Channel(stats, _) => stats,
             _ => ChannelStats::default(),
         }
     }
@@ -534,6 +455,7 @@ impl Shard {
             if !tick.is_multiple_of(4) {
                 continue;
             }
+            self.flush_pending_counts();
             let now = self.now_secs();
             let cfg = &self.shared.config;
             let ping = Rc::<[u8]>::from(crate::protocol::ws::encode_frame(
@@ -550,6 +472,17 @@ impl Shard {
                         conn.abort();
                     }
                     continue;
+                }
+                if !conn.authorized.get() {
+                    let app = self.shared.app(conn.app);
+                    let timeout = app.authorization_timeout;
+                    if app.enable_authorized_connections
+                        && now.saturating_sub(conn.connected_at) >= timeout
+                    {
+                        let reason = format!("Connection not authorized within {timeout} seconds");
+                        conn.close_now(4009, &reason, now);
+                        continue;
+                    }
                 }
                 match conn.ping_sent.get() {
                     Some(sent) if now.saturating_sub(sent) >= cfg.pong_timeout => {

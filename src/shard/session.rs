@@ -6,8 +6,10 @@ use super::messages::JoinRequest;
 use super::Shard;
 use crate::channels::ChannelKey;
 use crate::http::{error_response, signature::parse_query, Head};
-use crate::protocol::channel::{validate_name, ChannelKind};
-use crate::protocol::events::{self, ClientMessage, Data, SubscribeData, UnsubscribeData};
+use crate::protocol::channel::{validate_name, ChannelKind, SERVER_TO_USER_PREFIX};
+use crate::protocol::events::{
+    self, ClientMessage, Data, SigninData, SubscribeData, UnsubscribeData,
+};
 use crate::protocol::json;
 use crate::protocol::ws::{self, FrameReader, Inbound};
 use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -20,8 +22,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-const MAX_USER_ID_CHARS: usize = 128;
 
 pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, mut buf: Vec<u8>) {
     buf.drain(..head.len);
@@ -208,6 +208,7 @@ fn disconnect(shard: &Shard, conn: &Rc<Conn>) {
         shard.local.borrow_mut().remove(&key, conn.id);
         shard.leave(key, sub.user_id.map(String::from));
     }
+    shard.sign_out(conn);
     // Pending joins are undone when their reply finds the connection gone.
     let shared = &shard.shared;
     shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -284,13 +285,8 @@ fn handle_text(shard: &Shard, conn: &Conn, text: &[u8]) {
             }
         }
         "pusher:signin" => {
-            conn.send_vec(
-                events::error(
-                    None,
-                    "User authentication (pusher:signin) is not enabled on this server",
-                ),
-                max,
-            );
+            let data = events::decode_object::<SigninData>(message.data.as_ref());
+            super::user::signin(shard, conn, data);
         }
         event if event.starts_with("client-") => {
             client_event(
@@ -315,7 +311,22 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
     let channel = data.channel.as_str();
     let kind = ChannelKind::of(channel);
     if kind == ChannelKind::ServerToUser {
-        return fail("Subscribing to #server-to-user- channels needs a signed-in connection (not enabled on this server)");
+        // Events for the user reach every connection signed in as that user anyway (§3.1);
+        // the subscription is only confirmed, never counted.
+        let own = conn
+            .user
+            .borrow()
+            .as_ref()
+            .and_then(|u| u.confirmed_id())
+            .is_some_and(|id| channel.strip_prefix(SERVER_TO_USER_PREFIX) == Some(id));
+        return match own {
+            true => {
+                conn.send_vec(events::subscription_succeeded(channel, "{}"), max);
+            }
+            false => {
+                fail("A #server-to-user- channel is only for a connection signed in as that user")
+            }
+        };
     }
     if let Err(message) = validate_name(channel, app.max_channel_name_length as usize) {
         return fail(&message);
@@ -346,34 +357,46 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
         None => {}
     }
     let socket_id = shard.shared.socket_id(conn.id);
+    let channel_data = data.channel_data.as_deref();
     if kind.needs_auth() {
-        let mut to_sign = format!("{socket_id}:{channel}");
-        if kind == ChannelKind::Presence {
-            let Some(channel_data) = &data.channel_data else {
-                return fail("Presence subscriptions need channel_data");
-            };
-            to_sign.push(':');
-            to_sign.push_str(channel_data);
-        }
+        // Presence without channel_data is signed as `socket_id:channel` (signed-in users, §3.4).
+        let to_sign = match channel_data.filter(|_| kind == ChannelKind::Presence) {
+            Some(channel_data) => format!("{socket_id}:{channel}:{channel_data}"),
+            None => format!("{socket_id}:{channel}"),
+        };
         let token = data.auth.as_deref().unwrap_or("");
         if let Err(message) = crate::auth::verify_token(&app.key, &app.secret, token, &to_sign) {
             return fail(&message);
         }
     }
     let member = if kind == ChannelKind::Presence {
-        let text = data.channel_data.as_deref().unwrap_or("");
-        let member = match events::parse_channel_data(text) {
-            Ok(m) => m,
-            Err(message) => return fail(message),
-        };
-        if member.user_id.chars().count() > MAX_USER_ID_CHARS {
-            return fail("Presence user_id is longer than 128 characters");
+        let member =
+            match channel_data {
+                Some(text) => match events::parse_channel_data(text) {
+                    Ok(m) => (m.user_id, m.user_info),
+                    Err(message) => return fail(message),
+                },
+                None => {
+                    let user = conn.user.borrow();
+                    match user.as_ref().filter(|u| u.confirmed) {
+                        Some(u) => (u.id.to_string(), u.info.to_string()),
+                        None => return fail(
+                            "Presence subscriptions need channel_data, or a signed-in connection",
+                        ),
+                    }
+                }
+            };
+        if member.0.chars().count() > app.max_user_id_length as usize {
+            let limit = app.max_user_id_length;
+            return fail(&format!(
+                "Presence user_id is longer than {limit} characters"
+            ));
         }
-        if member.user_info.len() > app.max_presence_member_size_bytes as usize {
+        if member.1.len() > app.max_presence_member_size_bytes as usize {
             let limit = app.max_presence_member_size_bytes;
             return fail(&format!("Presence user_info is larger than {limit} bytes"));
         }
-        Some((member.user_id, member.user_info))
+        Some(member)
     } else {
         None
     };
@@ -480,7 +503,13 @@ fn client_event(
         Data::Raw(&literal),
         user_id.as_deref(),
     );
-    shard.publish(ChannelKey::new(conn.app, channel), frame, Some(conn.id));
+    // Client events are never cached (§3.8).
+    shard.publish(
+        ChannelKey::new(conn.app, channel),
+        frame,
+        Some(conn.id),
+        false,
+    );
 }
 
 /// Token bucket: `rate` per second, burst `rate`.

@@ -130,6 +130,18 @@ impl Server {
         c
     }
 
+    /// Connects until the kernel's SO_REUSEPORT choice puts a socket on `shard` (a socket id's
+    /// second part modulo the shard count names its shard).
+    pub fn connect_on_shard(&self, shard: u64) -> Client {
+        for _ in 0..200 {
+            let c = self.connect();
+            if c.shard() == shard {
+                return c;
+            }
+        }
+        panic!("no connection landed on shard {shard} in 200 tries");
+    }
+
     /// A signed HTTP API request; returns (status, body).
     pub fn api(
         &self,
@@ -330,6 +342,43 @@ impl Client {
         let auth = self.auth_for(channel, Some(&channel_data));
         self.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"auth":auth,"channel":channel,"channel_data":channel_data}}));
         self.recv()
+    }
+
+    /// The shard serving this connection (test servers run 2 shards).
+    pub fn shard(&self) -> u64 {
+        self.socket_id
+            .split('.')
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            % 2
+    }
+
+    pub fn user_auth(&self, user_data: &str) -> String {
+        let to_sign = format!("{}::user::{user_data}", self.socket_id);
+        format!(
+            "{KEY}:{}",
+            hmac_sha256_hex(SECRET.as_bytes(), to_sign.as_bytes())
+        )
+    }
+
+    /// Sends a correctly signed `pusher:signin` and returns the reply.
+    pub fn signin(&mut self, user_data: &str) -> serde_json::Value {
+        let auth = self.user_auth(user_data);
+        self.send_json(
+            serde_json::json!({"event":"pusher:signin","data":{"auth":auth,"user_data":user_data}}),
+        );
+        self.recv()
+    }
+
+    /// Reads messages until `wait` passes with none; returns them.
+    pub fn drain(&mut self, wait: Duration) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while let Some(m) = self.try_recv(wait) {
+            out.push(m);
+        }
+        out
     }
 
     /// Waits for the server to close; returns the close code.
