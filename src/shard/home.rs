@@ -205,7 +205,6 @@ impl Shard {
             }
         }
         self.pending_counts.borrow_mut().extend(waiting);
-        self.cache.borrow_mut().purge(now);
     }
 
     fn user_status(&self, key: &ChannelKey, online: bool) {

@@ -137,6 +137,9 @@ pub struct Shard {
 
 pub const SCRATCH_BYTES: usize = 16 * 1024;
 
+/// Expired cache entries are dropped once a minute (sweeper ticks are 250 ms).
+const CACHE_PURGE_TICKS: u32 = 240;
+
 impl Shard {
     pub fn new(id: usize, shared: Arc<Shared>) -> Shard {
         let n = shared.shards;
@@ -456,6 +459,9 @@ impl Shard {
                 continue;
             }
             self.flush_pending_counts();
+            if tick.is_multiple_of(CACHE_PURGE_TICKS) {
+                self.cache.borrow_mut().purge(Instant::now());
+            }
             let now = self.now_secs();
             let cfg = &self.shared.config;
             let ping = Rc::<[u8]>::from(crate::protocol::ws::encode_frame(

@@ -6,7 +6,12 @@ const { spawn } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
+const crypto = require('node:crypto');
 const PusherClient = require('pusher-js');
+// `pusher-js/with-encryption` is a browser build (it needs `document`); all it adds is
+// `options.nacl = tweetnacl` (pusher-js's own dependency), so under Node the same client is the
+// Node build given that option.
+const nacl = require('tweetnacl');
 const PusherServer = require('pusher');
 
 const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
@@ -14,7 +19,7 @@ const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
 function startServer() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'shardpush-e2e-'));
   const config = path.join(dir, 'config.toml');
-  fs.writeFileSync(config, `host = "127.0.0.1"\nport = 0\nshards = 2\n[[apps]]\nid = "${APP.appId}"\nkey = "${APP.key}"\nsecret = "${APP.secret}"\nenable_client_messages = true\n`);
+  fs.writeFileSync(config, `host = "127.0.0.1"\nport = 0\nshards = 2\n[[apps]]\nid = "${APP.appId}"\nkey = "${APP.key}"\nsecret = "${APP.secret}"\nenable_client_messages = true\nenable_watchlist_events = true\nenable_subscription_count = true\n`);
   const bin = process.env.SHARDPUSH_BIN || path.join(__dirname, '../../target/debug/shardpush');
   const child = spawn(bin, ['--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
   return new Promise((resolve, reject) => {
@@ -37,7 +42,13 @@ const clients = [];
 
 test.before(async () => {
   server = await startServer();
-  api = new PusherServer({ ...APP, host: '127.0.0.1', port: String(server.port), useTLS: false });
+  api = new PusherServer({
+    ...APP,
+    host: '127.0.0.1',
+    port: String(server.port),
+    useTLS: false,
+    encryptionMasterKeyBase64: crypto.randomBytes(32).toString('base64'),
+  });
 });
 
 test.after(() => {
@@ -177,4 +188,145 @@ test('presence users and user_count through the pusher library', async () => {
   assert.deepEqual(users, { users: [{ id: 'lister' }] });
   const info = await (await api.get({ path: '/channels/presence-list', params: { info: 'user_count' } })).json();
   assert.deepEqual(info, { occupied: true, user_count: 1 });
+});
+
+/// A client that signs in as `userId` (authenticateUser) and authorizes channels without
+/// presence data, so presence membership comes from the sign-in.
+function userClient(userId, { watchlist, encryption = false } = {}) {
+  const c = new PusherClient(APP.key, {
+    ...(encryption ? { nacl } : {}),
+    cluster: 'mt1',
+    wsHost: '127.0.0.1',
+    wsPort: server.port,
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    disableStats: true,
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => {
+        const user = { id: userId, user_info: { name: `User ${userId}` } };
+        if (watchlist) user.watchlist = watchlist;
+        callback(null, api.authenticateUser(socketId, user));
+      },
+    },
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        callback(null, api.authorizeChannel(socketId, channelName));
+      },
+    },
+  });
+  clients.push(c);
+  return c;
+}
+
+async function waitFor(what, predicate, ms = 5000) {
+  const deadline = Date.now() + ms;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timeout waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+async function signedIn(c) {
+  c.signin();
+  await waitFor('signin_success', () => c.user.user_data);
+  return c;
+}
+
+test('user authentication: sign-in, sendToUser on every connection, presence from the sign-in', async () => {
+  const first = await signedIn(userClient('alice'));
+  const second = await signedIn(userClient('alice'));
+  assert.equal(first.user.user_data.id, 'alice');
+  const got = [first, second].map((c) => new Promise((resolve) => c.user.bind('greeting', resolve)));
+  await api.sendToUser('alice', 'greeting', { hi: 'there' });
+  assert.deepEqual(await Promise.all(got), [{ hi: 'there' }, { hi: 'there' }]);
+
+  const room = first.subscribe('presence-signed-in');
+  const members = await subscribed(room);
+  assert.equal(members.me.id, 'alice');
+  assert.deepEqual(members.me.info, { name: 'User alice' });
+  assert.equal(members.count, 1);
+});
+
+test('watchlist: pusher.user.watchlist gets the initial state, then online and offline', async () => {
+  const watcher = userClient('watcher', { watchlist: ['friend', 'stranger'] });
+  const initial = new Promise((resolve) => watcher.user.watchlist.bind('offline', resolve));
+  await signedIn(watcher);
+  const offline = await initial;
+  assert.deepEqual([...offline.user_ids].sort(), ['friend', 'stranger']);
+
+  const online = new Promise((resolve) => watcher.user.watchlist.bind('online', resolve));
+  const friend = await signedIn(userClient('friend'));
+  assert.deepEqual((await online).user_ids, ['friend']);
+
+  const gone = new Promise((resolve) => watcher.user.watchlist.bind('offline', resolve));
+  friend.disconnect();
+  assert.deepEqual((await gone).user_ids, ['friend']);
+});
+
+test('terminateUserConnections closes every connection of the user with 4009', async () => {
+  const doomed = await Promise.all([signedIn(userClient('doomed')), signedIn(userClient('doomed'))]);
+  const survivor = await signedIn(userClient('survivor'));
+  const errors = doomed.map((c) => new Promise((resolve) => c.connection.bind('error', resolve)));
+  await api.terminateUserConnections('doomed');
+  for (const e of await Promise.all(errors)) {
+    assert.equal(e.data.code, 4009);
+  }
+  for (const c of doomed) {
+    await waitFor('disconnected', () => c.connection.state === 'disconnected');
+  }
+  await new Promise((r) => setTimeout(r, 1500));
+  for (const c of doomed) {
+    assert.equal(c.connection.state, 'disconnected', '4009 stops reconnection');
+  }
+  assert.equal(survivor.connection.state, 'connected');
+});
+
+test('cache channels: cache_miss first, then the last event for later subscribers, info=cache', async () => {
+  const early = client('early');
+  const channel = early.subscribe('cache-weather');
+  const miss = once(channel, 'pusher:cache_miss');
+  await subscribed(channel);
+  await miss;
+  const live = once(channel, 'update');
+  await api.trigger('cache-weather', 'update', { temp: 21 });
+  assert.deepEqual((await live).data, { temp: 21 });
+
+  const late = client('late');
+  const lateChannel = late.subscribe('cache-weather');
+  const replay = once(lateChannel, 'update');
+  await subscribed(lateChannel);
+  assert.deepEqual((await replay).data, { temp: 21 });
+
+  const info = await (await api.get({ path: '/channels/cache-weather', params: { info: 'cache' } })).json();
+  assert.equal(info.occupied, true);
+  assert.equal(info.cache.event, 'update');
+  assert.deepEqual(JSON.parse(info.cache.data), { temp: 21 });
+  assert.ok(info.cache.ttl > 0 && info.cache.ttl <= 1800, `ttl ${info.cache.ttl}`);
+});
+
+test('pusher:subscription_count reaches pusher-js on each subscribe', async () => {
+  const a = client('count-a');
+  const channel = a.subscribe('counted-js');
+  const first = once(channel, 'pusher:subscription_count');
+  await subscribed(channel);
+  assert.equal((await first).data.subscription_count, 1);
+  const second = new Promise((resolve) => channel.bind('pusher:subscription_count', resolve));
+  const b = client('count-b');
+  await subscribed(b.subscribe('counted-js'));
+  assert.equal((await second).subscription_count, 2);
+  assert.equal(channel.subscriptionCount, 2);
+});
+
+test('pusher-js with-encryption decrypts what the pusher library encrypted', async () => {
+  const c = userClient('crypto', { encryption: true });
+  const channel = c.subscribe('private-encrypted-vault');
+  await subscribed(channel);
+  let wire;
+  c.connection.bind('message', (m) => { if (m.event === 'secret') wire = m.data; });
+  const got = once(channel, 'secret');
+  await api.trigger('private-encrypted-vault', 'secret', { code: 'ünïcode 1234' });
+  assert.deepEqual((await got).data, { code: 'ünïcode 1234' });
+  // What crossed the server was the library's ciphertext, passed on byte for byte.
+  assert.ok(wire.nonce && wire.ciphertext, JSON.stringify(wire));
+  assert.ok(!JSON.stringify(wire).includes('1234'));
 });

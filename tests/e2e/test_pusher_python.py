@@ -103,3 +103,66 @@ def test_errors_surface_as_exceptions(server, api):
     bad = pusher.Pusher(app_id=APP_ID, key=KEY, secret="wrong", host="127.0.0.1", port=server, ssl=False)
     with pytest.raises(pusher.errors.PusherBadAuth):
         bad.trigger("x", "e", "d")
+
+
+def signed_in(port, api, user_id):
+    """A raw socket signed in with the library's authenticate_user (Python's own JSON spacing)."""
+    s = Socket(port)
+    auth = api.authenticate_user(s.socket_id, {"id": user_id, "user_info": {"via": "python"}})
+    s.ws.send(json.dumps({"event": "pusher:signin", "data": auth}))
+    reply = s.recv()
+    assert reply["event"] == "pusher:signin_success", reply
+    assert reply["data"]["user_data"] == auth["user_data"]
+    return s
+
+
+def test_send_to_user_then_terminate_user_connections(server, api):
+    """terminate_user_connections posts to /users/{id}/... without the /apps prefix."""
+    first, second = signed_in(server, api, "py-user"), signed_in(server, api, "py-user")
+    other = signed_in(server, api, "py-other")
+    api.send_to_user("py-user", "note", {"n": 1})
+    for s in (first, second):
+        got = s.recv()
+        assert (got["event"], got["channel"]) == ("note", "#server-to-user-py-user")
+        assert json.loads(got["data"]) == {"n": 1}
+
+    assert api.terminate_user_connections("py-user") == {}
+    for s in (first, second):
+        err = s.recv()
+        assert err["event"] == "pusher:error" and err["data"]["code"] == 4009, err
+        opcode, frame = s.ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE
+        assert int.from_bytes(frame[:2], "big") == 4009
+    other.ws.send(json.dumps({"event": "pusher:ping"}))
+    assert other.recv()["event"] == "pusher:pong"
+
+
+def test_channel_info_with_cache(server, api):
+    api.trigger("cache-py", "snapshot", {"v": 3})
+    s = Socket(server)
+    s.subscribe("cache-py")
+    replay = s.recv()
+    assert replay["event"] == "snapshot" and json.loads(replay["data"]) == {"v": 3}
+    info = api.channel_info("cache-py", ["subscription_count", "cache"])
+    assert info["occupied"] is True and info["subscription_count"] == 1
+    assert info["cache"]["event"] == "snapshot"
+    assert json.loads(info["cache"]["data"]) == {"v": 3}
+    assert 0 < info["cache"]["ttl"] <= 1800
+
+
+def test_raw_protocol_5_client_with_the_ios_subprotocol(server):
+    """Java sends pusher:ping without data on protocol 5; iOS asks for the subprotocol."""
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{server}/app/{KEY}?protocol=5&client=java",
+        subprotocols=["pusher-channels-protocol-7"],
+        timeout=5,
+    )
+    assert ws.subprotocol == "pusher-channels-protocol-7"
+    hello = json.loads(ws.recv())
+    assert hello["event"] == "pusher:connection_established"
+    assert isinstance(hello["data"], str)
+    ws.send('{"event": "pusher:ping"}')
+    assert json.loads(ws.recv()) == {"event": "pusher:pong", "data": "{}"}
+    ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": "p5"}}))
+    assert json.loads(ws.recv())["event"] == "pusher_internal:subscription_succeeded"
+    ws.close()
