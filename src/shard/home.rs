@@ -208,7 +208,8 @@ impl Shard {
     }
 
     fn user_status(&self, key: &ChannelKey, online: bool) {
-        for shard in self.watchers.borrow().shards(key) {
+        let shards = self.watchers.borrow().shards(key);
+        for shard in shards {
             let msg = ShardMsg::UserStatus {
                 key: key.clone(),
                 online,

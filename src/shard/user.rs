@@ -228,7 +228,8 @@ impl Shard {
         }
     }
 
-    /// On disconnect: uncount the user's connection and drop its watches.
+    /// On disconnect: drop the connection's watches, then uncount it (which may announce the
+    /// user offline to the remaining watchers).
     pub(super) fn sign_out(&self, conn: &Conn) {
         let Some(user) = conn.user.borrow_mut().take() else {
             return;
@@ -237,9 +238,6 @@ impl Shard {
         if !user.confirmed {
             return;
         }
-        let key = ChannelKey::user(conn.app, &user.id);
-        self.local.borrow_mut().remove(&key, conn.id);
-        self.leave(key, None);
         for (id, _) in user.watchlist.iter() {
             let watched = ChannelKey::user(conn.app, id);
             self.watching.borrow_mut().remove(&watched, conn.id);
@@ -250,6 +248,9 @@ impl Shard {
             };
             self.route(home, msg);
         }
+        let key = ChannelKey::user(conn.app, &user.id);
+        self.local.borrow_mut().remove(&key, conn.id);
+        self.leave(key, None);
     }
 }
 
