@@ -1,0 +1,573 @@
+//! One thread, one epoll, many non-blocking sockets: WebSocket clients (the subscribers) and
+//! keep-alive HTTP clients (the publisher). Reads go into one shared buffer; a socket keeps bytes
+//! only for an incomplete frame, so 19,000 idle clients cost little. Nothing is allocated per
+//! received message.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::RawFd;
+
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer. CLOCK_MONOTONIC is shared by all processes, so child
+    // processes' receive times compare with the parent's send times.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sockets per source address: below the 28,232 ephemeral ports each address has.
+const PER_SOURCE: usize = 20_000;
+
+/// The source address of the `n`-th client socket of a process whose first address is
+/// 127.0.0.`first` (127.0.0.1 is left to the server and the publisher).
+pub fn source_addr(first: u32, n: usize) -> Ipv4Addr {
+    let index = first + (n / PER_SOURCE) as u32;
+    Ipv4Addr::new(127, 0, (index >> 8) as u8, (index & 0xff) as u8)
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Starts a non-blocking connect from `source` (port chosen at connect time, so one address
+/// serves its whole port range).
+fn connect_from(source: Ipv4Addr, target: SocketAddrV4) -> io::Result<RawFd> {
+    // SAFETY: plain socket syscalls on a descriptor this function owns until it returns it.
+    unsafe {
+        let fd = cvt(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let one: libc::c_int = 1;
+        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let opt = &one as *const libc::c_int as *const libc::c_void;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            opt,
+            size,
+        );
+        libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, opt, size);
+        let src = sockaddr(SocketAddrV4::new(source, 0));
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd, &src as *const _ as *const libc::sockaddr, len) < 0 {
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        let dst = sockaddr(target);
+        if libc::connect(fd, &dst as *const _ as *const libc::sockaddr, len) < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                libc::close(fd);
+                return Err(e);
+            }
+        }
+        Ok(fd)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Phase {
+    /// TCP connect or WebSocket upgrade in progress.
+    Opening,
+    Open,
+    Closed,
+}
+
+/// A WebSocket client socket.
+pub struct Ws {
+    pub fd: RawFd,
+    pub phase: Phase,
+    /// Caller's data (e.g. the channel index).
+    pub tag: u32,
+    /// Caller's state machine step.
+    pub step: u8,
+    /// When the caller started the current step (ns).
+    pub since: u64,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    mask: u32,
+}
+
+/// What a WebSocket client got.
+pub enum WsEvent<'a> {
+    Text(&'a [u8]),
+    /// Closed by the server (close frame, EOF or error).
+    Closed,
+}
+
+impl Ws {
+    /// Queues a masked text frame and writes what the socket takes.
+    pub fn send_text(&mut self, payload: &[u8]) {
+        self.out.push(0x81);
+        match payload.len() {
+            n if n < 126 => self.out.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                self.out.push(0x80 | 126);
+                self.out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                self.out.push(0x80 | 127);
+                self.out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        self.mask = self
+            .mask
+            .wrapping_mul(1_664_525)
+            .wrapping_add(1_013_904_223);
+        let mask = self.mask.to_be_bytes();
+        self.out.extend_from_slice(&mask);
+        let body = self.out.len();
+        self.out.extend_from_slice(payload);
+        for (i, b) in self.out[body..].iter_mut().enumerate() {
+            *b ^= mask[i & 3];
+        }
+        self.flush();
+    }
+
+    fn send_control(&mut self, opcode: u8, payload: &[u8]) {
+        self.out.push(0x80 | opcode);
+        self.out.push(0x80 | payload.len() as u8);
+        self.out.extend_from_slice(&[0, 0, 0, 0]);
+        self.out.extend_from_slice(payload);
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        while !self.out.is_empty() && self.phase != Phase::Closed {
+            // SAFETY: writes from a live buffer to our own descriptor.
+            let n = unsafe {
+                libc::send(
+                    self.fd,
+                    self.out.as_ptr().cast(),
+                    self.out.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return; // EAGAIN: EPOLLOUT resumes; errors surface on the next read.
+            }
+            self.out.drain(..n as usize);
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 client socket with at most one request in flight.
+pub struct Http {
+    pub fd: RawFd,
+    pub busy: bool,
+    pub sent_at: u64,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    pub broken: bool,
+}
+
+impl Http {
+    pub fn send(&mut self, request: &[u8], now: u64) {
+        self.busy = true;
+        self.sent_at = now;
+        self.out.extend_from_slice(request);
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        while !self.out.is_empty() {
+            // SAFETY: as in Ws::flush.
+            let n = unsafe {
+                libc::send(
+                    self.fd,
+                    self.out.as_ptr().cast(),
+                    self.out.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return;
+            }
+            self.out.drain(..n as usize);
+        }
+    }
+}
+
+const HTTP_TOKEN: u64 = 1 << 40;
+
+pub struct Pool {
+    epfd: RawFd,
+    target: SocketAddrV4,
+    upgrade_request: Vec<u8>,
+    first_source: u32,
+    opened_total: usize,
+    pub ws: Vec<Ws>,
+    free: Vec<usize>,
+    pub http: Vec<Http>,
+    scratch: Vec<u8>,
+    events: Vec<libc::epoll_event>,
+    /// Sockets whose upgrade has not completed.
+    pub opening: usize,
+    pub connect_errors: usize,
+    pub upgrade_errors: usize,
+}
+
+impl Pool {
+    pub fn new(target: SocketAddrV4, upgrade_request: Vec<u8>, first_source: u32) -> Pool {
+        // SAFETY: creates a new epoll descriptor owned by the pool.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epfd >= 0, "epoll_create1 failed");
+        Pool {
+            epfd,
+            target,
+            upgrade_request,
+            first_source,
+            opened_total: 0,
+            ws: Vec::new(),
+            free: Vec::new(),
+            http: Vec::new(),
+            scratch: vec![0; 256 * 1024],
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+            opening: 0,
+            connect_errors: 0,
+            upgrade_errors: 0,
+        }
+    }
+
+    fn register(&self, fd: RawFd, token: u64) {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET | libc::EPOLLRDHUP) as u32,
+            u64: token,
+        };
+        // SAFETY: registers our own descriptor with our epoll instance.
+        unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    }
+
+    /// Opens a WebSocket client; returns its index (stable until it is closed).
+    pub fn open_ws(&mut self, tag: u32, now: u64) -> Option<usize> {
+        let source = source_addr(self.first_source, self.opened_total % (PER_SOURCE * 200));
+        self.opened_total += 1;
+        let fd = match connect_from(source, self.target) {
+            Ok(fd) => fd,
+            Err(_) => {
+                self.connect_errors += 1;
+                return None;
+            }
+        };
+        let ws = Ws {
+            fd,
+            phase: Phase::Opening,
+            tag,
+            step: 0,
+            since: now,
+            inbuf: Vec::new(),
+            out: self.upgrade_request.clone(),
+            mask: fd as u32 ^ 0x9e37_79b9,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.ws[i] = ws;
+                i
+            }
+            None => {
+                self.ws.push(ws);
+                self.ws.len() - 1
+            }
+        };
+        self.opening += 1;
+        self.register(fd, idx as u64);
+        Some(idx)
+    }
+
+    pub fn close_ws(&mut self, idx: usize) {
+        let ws = &mut self.ws[idx];
+        if ws.phase == Phase::Closed {
+            return;
+        }
+        if ws.phase == Phase::Opening {
+            self.opening -= 1;
+        }
+        ws.phase = Phase::Closed;
+        // SAFETY: closes our own descriptor once (phase guards against a second close).
+        unsafe { libc::close(ws.fd) };
+        ws.inbuf = Vec::new();
+        ws.out = Vec::new();
+        self.free.push(idx);
+    }
+
+    /// Opens a keep-alive HTTP connection to the target from 127.0.0.1.
+    pub fn open_http(&mut self) -> io::Result<usize> {
+        let fd = connect_from(Ipv4Addr::LOCALHOST, self.target)?;
+        self.http.push(Http {
+            fd,
+            busy: false,
+            sent_at: 0,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            broken: false,
+        });
+        let idx = self.http.len() - 1;
+        self.register(fd, HTTP_TOKEN | idx as u64);
+        Ok(idx)
+    }
+
+    /// Waits up to `timeout_ms` and hands every received text frame to `on_ws`, and every
+    /// completed HTTP response (index, status) to `on_http`.
+    pub fn poll(
+        &mut self,
+        timeout_ms: i32,
+        on_ws: &mut dyn FnMut(&mut Ws, usize, WsEvent<'_>),
+        on_http: &mut dyn FnMut(usize, u16, u64),
+    ) {
+        // SAFETY: the events buffer outlives the call and its length is passed.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epfd,
+                self.events.as_mut_ptr(),
+                self.events.len() as i32,
+                timeout_ms,
+            )
+        };
+        for i in 0..n.max(0) as usize {
+            let ev = self.events[i];
+            let token = ev.u64;
+            if token & HTTP_TOKEN != 0 {
+                self.http_ready((token & !HTTP_TOKEN) as usize, ev.events, on_http);
+            } else {
+                self.ws_ready(token as usize, ev.events, on_ws);
+            }
+        }
+    }
+
+    fn ws_ready(
+        &mut self,
+        idx: usize,
+        events: u32,
+        on_ws: &mut dyn FnMut(&mut Ws, usize, WsEvent<'_>),
+    ) {
+        if idx >= self.ws.len() || self.ws[idx].phase == Phase::Closed {
+            return;
+        }
+        if events & libc::EPOLLOUT as u32 != 0 {
+            self.ws[idx].flush();
+        }
+        if events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32 == 0
+        {
+            return;
+        }
+        loop {
+            let fd = self.ws[idx].fd;
+            // SAFETY: reads into our own scratch buffer.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.scratch.as_mut_ptr().cast(),
+                    self.scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return;
+                }
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+            }
+            if n <= 0 {
+                if self.ws[idx].phase == Phase::Opening {
+                    self.upgrade_errors += 1;
+                }
+                on_ws(&mut self.ws[idx], idx, WsEvent::Closed);
+                self.close_ws(idx);
+                return;
+            }
+            let chunk = &self.scratch[..n as usize];
+            let ws = &mut self.ws[idx];
+            let closed = if ws.inbuf.is_empty() {
+                let (used, closed) = consume(ws, idx, chunk, &mut self.opening, on_ws);
+                if !closed {
+                    ws.inbuf.extend_from_slice(&chunk[used..]);
+                }
+                closed
+            } else {
+                let mut buf = std::mem::take(&mut ws.inbuf);
+                buf.extend_from_slice(chunk);
+                let (used, closed) = consume(ws, idx, &buf, &mut self.opening, on_ws);
+                buf.drain(..used);
+                if buf.capacity() > 64 * 1024 && buf.len() < 1024 {
+                    buf.shrink_to(1024);
+                }
+                ws.inbuf = buf;
+                closed
+            };
+            if closed {
+                if self.ws[idx].phase == Phase::Opening {
+                    self.upgrade_errors += 1;
+                }
+                on_ws(&mut self.ws[idx], idx, WsEvent::Closed);
+                self.close_ws(idx);
+                return;
+            }
+        }
+    }
+
+    fn http_ready(&mut self, idx: usize, events: u32, on_http: &mut dyn FnMut(usize, u16, u64)) {
+        let Some(h) = self.http.get_mut(idx) else {
+            return;
+        };
+        if events & libc::EPOLLOUT as u32 != 0 {
+            h.flush();
+        }
+        loop {
+            // SAFETY: reads into our own scratch buffer.
+            let n = unsafe {
+                libc::recv(
+                    h.fd,
+                    self.scratch.as_mut_ptr().cast(),
+                    self.scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                return;
+            }
+            if n <= 0 {
+                h.broken = true;
+                if h.busy {
+                    h.busy = false;
+                    on_http(idx, 0, h.sent_at);
+                }
+                return;
+            }
+            h.inbuf.extend_from_slice(&self.scratch[..n as usize]);
+            while let Some((status, len)) = parse_response(&h.inbuf) {
+                h.inbuf.drain(..len);
+                h.busy = false;
+                on_http(idx, status, h.sent_at);
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for i in 0..self.ws.len() {
+            self.close_ws(i);
+        }
+        for h in &self.http {
+            // SAFETY: closes descriptors the pool owns.
+            unsafe { libc::close(h.fd) };
+        }
+        // SAFETY: as above.
+        unsafe { libc::close(self.epfd) };
+    }
+}
+
+/// Parses the upgrade response, then frames. Returns (bytes used, closed).
+fn consume(
+    ws: &mut Ws,
+    idx: usize,
+    mut buf: &[u8],
+    opening: &mut usize,
+    on_ws: &mut dyn FnMut(&mut Ws, usize, WsEvent<'_>),
+) -> (usize, bool) {
+    let total = buf.len();
+    if ws.phase == Phase::Opening {
+        let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
+            return (0, false);
+        };
+        if !buf.starts_with(b"HTTP/1.1 101") {
+            return (total, true);
+        }
+        ws.phase = Phase::Open;
+        *opening -= 1;
+        buf = &buf[end + 4..];
+    }
+    loop {
+        if buf.len() < 2 {
+            break;
+        }
+        let opcode = buf[0] & 0x0f;
+        let (len, header) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+            127 if buf.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&buf[2..10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if buf.len() < header + len {
+            break;
+        }
+        let payload = &buf[header..header + len];
+        match opcode {
+            0x1 | 0x0 => on_ws(ws, idx, WsEvent::Text(payload)),
+            0x9 => {
+                let p = payload.to_vec();
+                ws.send_control(0xA, &p);
+            }
+            0x8 => return (total, true),
+            _ => {}
+        }
+        buf = &buf[header + len..];
+    }
+    (total - buf.len(), false)
+}
+
+/// (status, bytes of the whole response) once a response with Content-Length is complete.
+fn parse_response(buf: &[u8]) -> Option<(u16, usize)> {
+    let head_end = memchr::memmem::find(buf, b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let status = head.get(9..12)?.parse().ok()?;
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    (buf.len() >= head_end + length).then_some((status, head_end + length))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_need_their_whole_body() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(r), Some((200, r.len())));
+        assert_eq!(parse_response(&r[..r.len() - 1]), None);
+        let r = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(parse_response(r), Some((413, r.len())));
+    }
+
+    #[test]
+    fn source_addresses_rotate_past_the_port_range() {
+        assert_eq!(source_addr(2, 0), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(source_addr(2, 20_000), Ipv4Addr::new(127, 0, 0, 3));
+        assert_eq!(source_addr(300, 0), Ipv4Addr::new(127, 0, 1, 44));
+    }
+}
