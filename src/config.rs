@@ -287,7 +287,6 @@ impl Config {
                 secret: secret.into(),
                 enable_client_messages: true,
                 enable_watchlist_events: true,
-                enable_subscription_count: true,
                 ..AppConfig::default()
             });
         }

@@ -229,9 +229,10 @@ async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream, api_only: bool) {
     let Some(head) = http::read_head(&shard, &mut stream, &mut buf).await else {
         return;
     };
+    // The HTTP path is boxed so that its state does not enlarge every WebSocket task.
     if head.is_websocket_upgrade() && !api_only {
         session::run(shard, stream, head, buf).await;
     } else {
-        http::serve(shard, stream, buf, head).await;
+        Box::pin(http::serve(shard, stream, buf, head)).await;
     }
 }

@@ -225,8 +225,9 @@ impl Conn {
             }
             q.consume(written as usize);
         }
-        if q.frames.capacity() > 16 {
-            q.frames = VecDeque::new();
+        // An idle socket keeps room for a few frames (no allocation per delivery), not a burst's.
+        if q.frames.capacity() > 4 {
+            q.frames = VecDeque::with_capacity(4);
         }
         Ok(true)
     }

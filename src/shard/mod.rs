@@ -200,14 +200,16 @@ impl Shard {
     /// Waits while any outbox is far behind, so that a flood of client or HTTP input slows its
     /// own producer instead of growing memory.
     pub async fn backpressure(&self) {
-        while self
-            .outbox
+        while self.backlogged() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    pub fn backlogged(&self) -> bool {
+        self.outbox
             .borrow()
             .iter()
             .any(|q| q.len() > OUTBOX_SOFT_LIMIT)
-        {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
     }
 
     pub fn handle(&self, msg: ShardMsg) {

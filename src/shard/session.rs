@@ -23,13 +23,31 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, mut buf: Vec<u8>) {
+/// A WebSocket connection from its upgrade request to its end. The upgrade (with the parsed
+/// request head) runs in its own boxed future, so none of it stays in the memory of a
+/// connection that lives for hours.
+pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, buf: Vec<u8>) {
+    let upgraded = Box::pin(upgrade(&shard, &mut stream, head, buf)).await;
+    if let Some((app, buf)) = upgraded {
+        // A task of its own: it holds only what a live connection needs, and the accepting
+        // task (with its request parsing state) is freed.
+        glommio::spawn_local(serve(shard, stream, app, buf)).detach();
+    }
+}
+
+/// Answers the upgrade and admits the connection: `Some((app, bytes after the head))`.
+async fn upgrade(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    head: Head,
+    mut buf: Vec<u8>,
+) -> Option<(u32, Vec<u8>)> {
     buf.drain(..head.len);
-    let Some(sec_key) = head.header("sec-websocket-key").map(str::to_owned) else {
+    let Some(sec_key) = head.header("sec-websocket-key") else {
         let _ = stream
             .write_all(&error_response(400, "Missing Sec-WebSocket-Key"))
             .await;
-        return;
+        return None;
     };
     if head.header("sec-websocket-version") != Some("13") {
         let _ = stream
@@ -38,22 +56,31 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, mut buf: V
                 "Only WebSocket version 13 is supported",
             ))
             .await;
-        return;
+        return None;
     }
     let subprotocol = head
         .header("sec-websocket-protocol")
         .and_then(pick_subprotocol);
     let upgrade = ws::upgrade_response(sec_key.as_bytes(), subprotocol);
     if stream.write_all(&upgrade).await.is_err() {
-        return;
+        return None;
     }
     let (path, query) = head.path_and_query();
-    let app = match admit(&shard, path, query) {
-        Ok(app) => app,
-        Err((code, reason)) => return reject(&shard, stream, code, &reason).await,
-    };
-    let _ = stream.set_read_timeout(None);
+    match admit(shard, path, query) {
+        Ok(app) => {
+            let _ = stream.set_read_timeout(None);
+            buf.shrink_to_fit();
+            Some((app, buf))
+        }
+        Err((code, reason)) => {
+            reject(shard, stream, code, &reason).await;
+            None
+        }
+    }
+}
 
+/// The connection's life after admission: flush, read, handle, until either side ends it.
+async fn serve(shard: Rc<Shard>, mut stream: TcpStream, app: u32, buf: Vec<u8>) {
     let shared = shard.shared.clone();
     let id = shard.new_conn_id();
     let app_config = shared.app(app);
@@ -71,7 +98,9 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, mut buf: V
         while let Some(inbound) = reader.next(max_message) {
             handle_inbound(&shard, &conn, inbound);
         }
-        shard.backpressure().await;
+        if shard.backlogged() {
+            Box::pin(shard.backpressure()).await;
+        }
         match poll_fn(|cx| poll_io(&shard, &conn, &mut stream, &mut reader, cx)).await {
             Io::Read => {}
             Io::Done => break,
@@ -133,7 +162,7 @@ fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
 }
 
 /// Completes a refused upgrade: `pusher:error`, then a close with the same code.
-async fn reject(shard: &Shard, mut stream: TcpStream, code: u16, reason: &str) {
+async fn reject(shard: &Shard, stream: &mut TcpStream, code: u16, reason: &str) {
     let mut bytes = events::error(Some(code), reason);
     bytes.extend(ws::close_frame(code, reason));
     if stream.write_all(&bytes).await.is_err() {
@@ -142,7 +171,7 @@ async fn reject(shard: &Shard, mut stream: TcpStream, code: u16, reason: &str) {
     // Give the client a moment to answer the close before the TCP connection goes.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut sink = Vec::new();
-    while let Ok(n) = crate::http::read_into(shard, &mut stream, &mut sink).await {
+    while let Ok(n) = crate::http::read_into(shard, stream, &mut sink).await {
         if n == 0 || sink.len() > 4096 {
             break;
         }
@@ -400,11 +429,15 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
     } else {
         None
     };
-    conn.subs.borrow_mut().push(Sub {
+    let mut subs = conn.subs.borrow_mut();
+    // Most connections join one or two channels: grow one slot at a time.
+    subs.reserve_exact(1);
+    subs.push(Sub {
         name: channel.into(),
         confirmed: false,
         user_id: member.as_ref().map(|(id, _)| id.as_str().into()),
     });
+    drop(subs);
     shard.join(JoinRequest {
         key: ChannelKey::new(conn.app, channel),
         origin: shard.id,
