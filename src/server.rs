@@ -183,6 +183,7 @@ async fn run_shard(
         }
     };
     glommio::spawn_local(shard.clone().sweep()).detach();
+    glommio::spawn_local(shard.clone().flusher()).detach();
     let mut accepts = Vec::new();
     for (slot, listener) in listeners.into_iter().enumerate() {
         let api_only = slot == 1;

@@ -67,6 +67,10 @@ pub struct Target {
     /// Pin the generator (and its children) to this CPU.
     #[arg(long)]
     pub cpu: Option<usize>,
+    /// Subscriber processes spin on epoll instead of sleeping in it, so the server's sends do not
+    /// pay for waking them (on loopback the sender's CPU runs the receiver's wakeup).
+    #[arg(long)]
+    pub busy_poll: bool,
 }
 
 impl Target {
@@ -106,6 +110,9 @@ impl Target {
         ];
         if let Some(cpu) = self.cpu {
             args.extend(["--cpu".into(), cpu.to_string()]);
+        }
+        if self.busy_poll {
+            args.push("--busy-poll".into());
         }
         args
     }
@@ -166,14 +173,7 @@ fn main() {
         Workload::Subscribers(a) => {
             check(&a.target);
             let t = &a.target;
-            subscribers::run_child(
-                t.addr(),
-                &t.app(),
-                &a.share,
-                t.source_base,
-                t.concurrency,
-                t.timeout(),
-            )
+            subscribers::run_child(t, &a.share)
         }
     }
 }

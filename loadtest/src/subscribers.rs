@@ -8,7 +8,6 @@ use crate::measure::{self, histogram_to_hex, record_latency};
 use crate::net::{now_ns, Pool, WsEvent};
 use crate::pusher::{self, App};
 use std::io::{BufRead, Write};
-use std::net::SocketAddrV4;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -89,18 +88,14 @@ pub fn open_and_subscribe(
 }
 
 /// The child process: subscribe, report, then count and time deliveries until told to stop.
-pub fn run_child(
-    target: SocketAddrV4,
-    app: &App,
-    share: &Share,
-    source: u32,
-    concurrency: usize,
-    timeout: Duration,
-) {
-    let request = pusher::upgrade_request(&target.to_string(), &app.key);
-    let mut pool = Pool::new(target, request, source);
-    let deadline = now_ns() + timeout.as_nanos() as u64;
-    let (ready, errors, elapsed) = open_and_subscribe(&mut pool, app, share, concurrency, deadline);
+pub fn run_child(target: &crate::Target, share: &Share) {
+    let app = target.app();
+    let request = pusher::upgrade_request(&target.addr().to_string(), &app.key);
+    let mut pool = Pool::new(target.addr(), request, target.source_base);
+    let deadline = now_ns() + target.timeout().as_nanos() as u64;
+    let (ready, errors, elapsed) =
+        open_and_subscribe(&mut pool, &app, share, target.concurrency, deadline);
+    let wait_ms = if target.busy_poll { 0 } else { 20 };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "READY {ready} {errors} {elapsed}");
     let _ = out.flush();
@@ -123,7 +118,7 @@ pub fn run_child(
     let mut last_report = now_ns();
     loop {
         pool.poll(
-            20,
+            wait_ms,
             &mut |_, _, event| match event {
                 WsEvent::Text(text) => {
                     if let Some(sent) = pusher::stamp_of(text) {

@@ -46,6 +46,8 @@ pub struct Conn {
     pub aborted: Cell<bool>,
     /// Client-event token bucket: (last refill, shard-clock ms; tokens).
     pub rate: Cell<(u64, f32)>,
+    /// Listed in the shard's dirty list: frames are queued for the flusher to write.
+    pub dirty: Cell<bool>,
     /// Shard-clock second the connection was admitted (for the authorization timeout).
     pub connected_at: u32,
     /// Signed in, or confirmed on a private/presence channel (authorized connections, §3.6).
@@ -72,6 +74,7 @@ impl Conn {
             peer_closed: Cell::new(false),
             aborted: Cell::new(false),
             rate: Cell::new((0, burst)),
+            dirty: Cell::new(false),
             connected_at: now,
             authorized: Cell::new(false),
             user: RefCell::new(None),
@@ -82,8 +85,16 @@ impl Conn {
         self.closing_deadline.get().is_some()
     }
 
-    /// Queues a frame; returns false (and starts a 4100 close) when the socket is a slow consumer.
+    /// Queues a frame and wakes the socket's task to write it; returns false (and starts a 4100
+    /// close) when the socket is a slow consumer.
     pub fn send(&self, frame: Rc<[u8]>, max_queued: usize) -> bool {
+        let ok = self.queue(frame, max_queued);
+        self.wake();
+        ok
+    }
+
+    /// Queues a frame without waking the task: the shard's flusher writes it (the fanout path).
+    pub fn queue(&self, frame: Rc<[u8]>, max_queued: usize) -> bool {
         if self.is_closing() {
             return true;
         }
@@ -106,7 +117,6 @@ impl Conn {
             self.close_now(4100, "Slow consumer: too many messages queued", u32::MAX);
             return false;
         }
-        self.wake();
         true
     }
 

@@ -122,6 +122,10 @@ pub struct Shard {
     pub watchers: RefCell<WatchCounts>,
     /// Home side: channels whose `subscription_count` waits for the throttle.
     pending_counts: RefCell<Vec<ChannelKey>>,
+    /// Sockets with frames queued by the fanout, for the flusher; and a spare list to swap in.
+    dirty: RefCell<Vec<Rc<Conn>>>,
+    dirty_spare: RefCell<Vec<Rc<Conn>>>,
+    flusher_waker: RefCell<Option<Waker>>,
     outbox: RefCell<Vec<VecDeque<ShardMsg>>>,
     outbox_wakers: RefCell<Vec<Option<Waker>>>,
     queries: RefCell<AHashMap<u64, Rc<ReplySlot>>>,
@@ -152,6 +156,9 @@ impl Shard {
             cache: RefCell::new(ChannelCache::default()),
             watchers: RefCell::new(WatchCounts::new(n)),
             pending_counts: RefCell::new(Vec::new()),
+            dirty: RefCell::new(Vec::new()),
+            dirty_spare: RefCell::new(Vec::new()),
+            flusher_waker: RefCell::new(None),
             outbox: RefCell::new((0..n).map(|_| VecDeque::new()).collect()),
             outbox_wakers: RefCell::new((0..n).map(|_| None).collect()),
             queries: RefCell::new(AHashMap::new()),
@@ -260,19 +267,31 @@ impl Shard {
         }
     }
 
-    /// The hot path: one frame, many sockets, no copy and no encoding per socket.
+    /// The hot path: one frame, many sockets, no copy and no encoding per socket. The frame is
+    /// queued and the socket listed as dirty; the flusher writes every dirty socket once the
+    /// current burst of messages is handled, so a socket with several pending frames gets them
+    /// in one `sendmsg`, and no socket task is woken unless its kernel buffer is full.
     pub fn deliver_local(&self, key: &ChannelKey, frame: Rc<[u8]>, except: Option<u64>) {
         let max = self.max_queued();
         let slow = {
             let local = self.local.borrow();
+            let mut dirty = self.dirty.borrow_mut();
             let mut slow = 0u64;
             for conn in local.subscribers(key) {
-                if Some(conn.id) != except && !conn.send(frame.clone(), max) {
+                if Some(conn.id) == except {
+                    continue;
+                }
+                if !conn.queue(frame.clone(), max) {
                     slow += 1;
+                } else if !conn.dirty.replace(true) {
+                    dirty.push(conn.clone());
                 }
             }
             slow
         };
+        if let Some(w) = self.flusher_waker.borrow_mut().take() {
+            w.wake();
+        }
         if slow > 0 {
             self.shared
                 .slow_consumer_closes
@@ -424,6 +443,38 @@ impl Shard {
         match self.query(home, Query::Channel { key, cache: false }).await {
             QueryReply::Channel(stats, _) => stats,
             _ => ChannelStats::default(),
+        }
+    }
+
+    /// Writes the sockets the fanout made dirty: one `sendmsg` each for all its pending frames.
+    /// A socket whose kernel buffer is full is handed to its own task, which waits until it
+    /// can write.
+    pub async fn flusher(self: Rc<Self>) {
+        loop {
+            poll_fn(|cx| {
+                if self.dirty.borrow().is_empty() {
+                    *self.flusher_waker.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            let mut batch = std::mem::take(&mut *self.dirty_spare.borrow_mut());
+            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            for conn in batch.drain(..) {
+                conn.dirty.set(false);
+                let fd = conn.fd.get();
+                if fd < 0 {
+                    continue;
+                }
+                match conn.flush(fd) {
+                    Ok(true) => {}
+                    Ok(false) => conn.wake(),
+                    Err(_) => conn.abort(),
+                }
+            }
+            *self.dirty_spare.borrow_mut() = batch;
         }
     }
 

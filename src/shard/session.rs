@@ -227,6 +227,8 @@ fn poll_io(
 }
 
 fn disconnect(shard: &Shard, conn: &Rc<Conn>) {
+    // The descriptor is closed with the stream and may be reused: nothing may write to it now.
+    conn.fd.set(-1);
     shard.conns.borrow_mut().remove(&conn.id);
     let subs = std::mem::take(&mut *conn.subs.borrow_mut());
     for sub in subs.into_iter().filter(|s| s.confirmed) {
