@@ -328,6 +328,26 @@ impl Pool {
         Ok(idx)
     }
 
+    /// Replaces a closed HTTP connection (servers may answer `Connection: close`).
+    pub fn reopen_http(&mut self, idx: usize) -> io::Result<()> {
+        let fd = connect_from(Ipv4Addr::LOCALHOST, self.target)?;
+        let old = std::mem::replace(
+            &mut self.http[idx],
+            Http {
+                fd,
+                busy: false,
+                sent_at: 0,
+                inbuf: Vec::new(),
+                out: Vec::new(),
+                broken: false,
+            },
+        );
+        // SAFETY: closes the replaced connection's descriptor, which the pool owned.
+        unsafe { libc::close(old.fd) };
+        self.register(fd, HTTP_TOKEN | idx as u64);
+        Ok(())
+    }
+
     /// Waits up to `timeout_ms` and hands every received text frame to `on_ws`, and every
     /// completed HTTP response (index, status) to `on_http`.
     pub fn poll(
@@ -427,6 +447,10 @@ impl Pool {
                 self.close_ws(idx);
                 return;
             }
+            // A short read drained the socket; data arriving later raises a new edge.
+            if (n as usize) < self.scratch.len() {
+                return;
+            }
         }
     }
 
@@ -459,9 +483,10 @@ impl Pool {
                 return;
             }
             h.inbuf.extend_from_slice(&self.scratch[..n as usize]);
-            while let Some((status, len)) = parse_response(&h.inbuf) {
+            while let Some((status, len, close)) = parse_response(&h.inbuf) {
                 h.inbuf.drain(..len);
                 h.busy = false;
+                h.broken |= close;
                 on_http(idx, status, h.sent_at);
             }
         }
@@ -535,8 +560,8 @@ fn consume(
     (total - buf.len(), false)
 }
 
-/// (status, bytes of the whole response) once a response with Content-Length is complete.
-fn parse_response(buf: &[u8]) -> Option<(u16, usize)> {
+/// (status, bytes of the whole response, `Connection: close`) once a response is complete.
+fn parse_response(buf: &[u8]) -> Option<(u16, usize, bool)> {
     let head_end = memchr::memmem::find(buf, b"\r\n\r\n")? + 4;
     let head = std::str::from_utf8(&buf[..head_end]).ok()?;
     let status = head.get(9..12)?.parse().ok()?;
@@ -548,7 +573,12 @@ fn parse_response(buf: &[u8]) -> Option<(u16, usize)> {
                 .then(|| value.trim().parse::<usize>().ok())?
         })
         .unwrap_or(0);
-    (buf.len() >= head_end + length).then_some((status, head_end + length))
+    let close = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close")
+        })
+    });
+    (buf.len() >= head_end + length).then_some((status, head_end + length, close))
 }
 
 #[cfg(test)]
@@ -558,10 +588,10 @@ mod tests {
     #[test]
     fn responses_need_their_whole_body() {
         let r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(r), Some((200, r.len())));
+        assert_eq!(parse_response(r), Some((200, r.len(), false)));
         assert_eq!(parse_response(&r[..r.len() - 1]), None);
-        let r = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
-        assert_eq!(parse_response(r), Some((413, r.len())));
+        let r = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        assert_eq!(parse_response(r), Some((413, r.len(), true)));
     }
 
     #[test]

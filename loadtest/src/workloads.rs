@@ -254,6 +254,11 @@ pub fn fanout(a: &FanoutArgs) {
             if now_ns() > end + 10_000_000_000 {
                 break; // responses that never came count as rejected below
             }
+            for (i, slot) in in_flight.iter().enumerate() {
+                if slot.is_none() && publisher.http[i].broken {
+                    let _ = publisher.reopen_http(i);
+                }
+            }
             while publishing && next_due <= now_ns() {
                 let Some(i) = (0..a.http_conns)
                     .map(|j| (cursor + j) % a.http_conns)

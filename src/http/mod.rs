@@ -7,11 +7,12 @@ pub mod signature;
 use crate::shard::Shard;
 use futures_lite::io::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Poll, Waker};
 
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
@@ -119,13 +120,46 @@ pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     response(status, "application/json", body.as_bytes(), false)
 }
 
+/// A keep-alive HTTP connection as the shard's sweeper sees it: idle ones are expired there,
+/// once a second, instead of arming (and cancelling) an io_uring timer on every read.
+#[derive(Default)]
+pub struct KeepAlive {
+    pub last_active: Cell<u32>,
+    pub expired: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl KeepAlive {
+    pub fn expire(&self) {
+        self.expired.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
 /// Reads whatever the socket has into `buf`, through the shard's scratch buffer.
 pub async fn read_into(
     shard: &Shard,
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> io::Result<usize> {
+    read_until_expired(shard, stream, buf, None).await
+}
+
+async fn read_until_expired(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    keep_alive: Option<&KeepAlive>,
+) -> io::Result<usize> {
     poll_fn(|cx| {
+        if let Some(ka) = keep_alive {
+            if ka.expired.get() {
+                return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+            }
+            *ka.waker.borrow_mut() = Some(cx.waker().clone());
+        }
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(n)) => {
@@ -140,6 +174,15 @@ pub async fn read_into(
 
 /// Reads one request head. On a bad or oversized head it answers and returns None.
 pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Head> {
+    read_head_until_expired(shard, stream, buf, None).await
+}
+
+async fn read_head_until_expired(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    keep_alive: Option<&KeepAlive>,
+) -> Option<Head> {
     loop {
         match parse_head(buf) {
             Parsed::Complete(head) => return Some(head),
@@ -153,7 +196,7 @@ pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>)
                     .await;
                 return None;
             }
-            Parsed::Partial => match read_into(shard, stream, buf).await {
+            Parsed::Partial => match read_until_expired(shard, stream, buf, keep_alive).await {
                 Ok(n) if n > 0 => {}
                 _ => return None,
             },
@@ -162,9 +205,31 @@ pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>)
 }
 
 /// Serves HTTP requests on a keep-alive connection, starting with `head` (already in `buf`).
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>, mut head: Head) {
+/// The first request was read under the socket's read timeout; after it, the sweeper closes
+/// connections idle for `KEEP_ALIVE_SECS`.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, buf: Vec<u8>, head: Head) {
+    let _ = stream.set_read_timeout(None);
+    let id = shard.new_conn_id();
+    let keep_alive = Rc::new(KeepAlive::default());
+    keep_alive.last_active.set(shard.now_secs());
+    shard.http_conns.borrow_mut().insert(id, keep_alive.clone());
+    serve_requests(&shard, &mut stream, buf, head, &keep_alive).await;
+    shard.http_conns.borrow_mut().remove(&id);
+}
+
+/// Seconds a keep-alive connection may wait for its next request.
+pub const KEEP_ALIVE_SECS: u32 = 30;
+
+async fn serve_requests(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    mut buf: Vec<u8>,
+    mut head: Head,
+    keep_alive: &KeepAlive,
+) {
     let max_body = shard.shared.config.max_request_body_bytes;
     loop {
+        keep_alive.last_active.set(shard.now_secs());
         if head.header("transfer-encoding").is_some() {
             let _ = stream
                 .write_all(&error_response(411, "Send the body with a Content-Length"))
@@ -188,28 +253,28 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>, mu
             return;
         }
         while buf.len() < head.len + length {
-            match read_into(&shard, &mut stream, &mut buf).await {
+            match read_until_expired(shard, stream, &mut buf, Some(keep_alive)).await {
                 Ok(n) if n > 0 => {}
                 _ => return,
             }
         }
-        let keep_alive = head.keep_alive();
+        let persistent = head.keep_alive();
         let body = &buf[head.len..head.len + length];
-        let reply = api::handle(&shard, &head, body).await;
+        let reply = api::handle(shard, &head, body).await;
         let bytes = response(
             reply.status,
             reply.content_type,
             reply.body.as_bytes(),
-            keep_alive,
+            persistent,
         );
-        if stream.write_all(&bytes).await.is_err() || !keep_alive {
+        if stream.write_all(&bytes).await.is_err() || !persistent {
             return;
         }
         buf.drain(..head.len + length);
         if buf.is_empty() {
             buf = Vec::new();
         }
-        head = match read_head(&shard, &mut stream, &mut buf).await {
+        head = match read_head_until_expired(shard, stream, &mut buf, Some(keep_alive)).await {
             Some(h) => h,
             None => return,
         };

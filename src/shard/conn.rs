@@ -218,12 +218,18 @@ impl Conn {
                 };
                 count += 1;
             }
-            // SAFETY: msghdr points at `iov`, which borrows frames that outlive the call.
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            // SAFETY: the iovecs (and msghdr) point into frames that outlive the call. One frame,
+            // the usual fanout case, skips the msghdr copy-in of sendmsg.
             let written = unsafe {
-                let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = iov.as_mut_ptr();
-                msg.msg_iovlen = count;
-                libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                if count == 1 {
+                    libc::send(fd, iov[0].iov_base, iov[0].iov_len, flags)
+                } else {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = iov.as_mut_ptr();
+                    msg.msg_iovlen = count;
+                    libc::sendmsg(fd, &msg, flags)
+                }
             };
             if written < 0 {
                 let err = io::Error::last_os_error();

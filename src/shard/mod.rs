@@ -112,6 +112,8 @@ pub struct Shard {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub conns: RefCell<AHashMap<u64, Rc<Conn>>>,
+    /// Keep-alive HTTP connections, expired by the sweeper when idle.
+    pub http_conns: RefCell<AHashMap<u64, Rc<crate::http::KeepAlive>>>,
     pub local: RefCell<LocalChannels>,
     /// Signed-in connections of this shard by the `#server-to-user-` key of each user they watch.
     pub watching: RefCell<LocalChannels>,
@@ -150,6 +152,7 @@ impl Shard {
         Shard {
             id,
             conns: RefCell::new(AHashMap::new()),
+            http_conns: RefCell::new(AHashMap::new()),
             local: RefCell::new(LocalChannels::default()),
             watching: RefCell::new(LocalChannels::default()),
             home: RefCell::new(HomeChannels::new(n)),
@@ -516,6 +519,11 @@ impl Shard {
                 self.cache.borrow_mut().purge(Instant::now());
             }
             let now = self.now_secs();
+            for ka in self.http_conns.borrow().values() {
+                if now.saturating_sub(ka.last_active.get()) >= crate::http::KEEP_ALIVE_SECS {
+                    ka.expire();
+                }
+            }
             let cfg = &self.shared.config;
             let ping = Rc::<[u8]>::from(crate::protocol::ws::encode_frame(
                 crate::protocol::ws::OP_PING,
