@@ -24,6 +24,8 @@ pub struct Config {
     pub max_ws_message_bytes: usize,
     /// Largest HTTP request body; larger requests get 413.
     pub max_request_body_bytes: usize,
+    /// Seconds an HTTP keep-alive connection may wait for its next request.
+    pub http_keep_alive_timeout: u32,
     /// Connections the whole server accepts before answering 4100 "Over capacity"; 0 = no limit.
     pub max_connections: usize,
     /// Accept connections that send no `protocol` parameter (treated as 7). Strict mode answers 4008.
@@ -79,6 +81,7 @@ impl Default for Config {
             max_outbound_queue_bytes: 1 << 20,
             max_ws_message_bytes: 64 * 1024,
             max_request_body_bytes: 1 << 20,
+            http_keep_alive_timeout: 30,
             max_connections: 0,
             allow_missing_protocol: true,
             apps: Vec::new(),
@@ -318,6 +321,13 @@ impl Config {
         }
         if self.pong_timeout == 0 {
             return Err(err(source, "pong_timeout", "must be at least 1 second"));
+        }
+        if self.http_keep_alive_timeout == 0 {
+            return Err(err(
+                source,
+                "http_keep_alive_timeout",
+                "must be at least 1 second",
+            ));
         }
         if self.max_ws_message_bytes < 1024 {
             return Err(err(source, "max_ws_message_bytes", "must be at least 1024"));

@@ -336,6 +336,31 @@ fn keep_alive_bounded_bodies_and_malformed_requests() {
 }
 
 #[test]
+fn idle_keep_alive_connections_are_closed_after_the_timeout() {
+    let server = Server::with_config(&config_toml("http_keep_alive_timeout = 2", "", ""));
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(parse_response(&buf[..n]).0, 200);
+    // Busy connections stay: a request every half second for 2.5 s.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let n = s.read(&mut buf).unwrap();
+        assert_eq!(parse_response(&buf[..n]).0, 200);
+    }
+    // An idle one is closed within the timeout plus the sweeper's second.
+    let started = std::time::Instant::now();
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the server closed the idle connection");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
 fn separate_api_port_serves_only_the_api() {
     let toml = config_toml("", "", "");
     let api_port = {

@@ -206,7 +206,7 @@ async fn read_head_until_expired(
 
 /// Serves HTTP requests on a keep-alive connection, starting with `head` (already in `buf`).
 /// The first request was read under the socket's read timeout; after it, the sweeper closes
-/// connections idle for `KEEP_ALIVE_SECS`.
+/// connections idle for `http_keep_alive_timeout` seconds.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, buf: Vec<u8>, head: Head) {
     let _ = stream.set_read_timeout(None);
     let id = shard.new_conn_id();
@@ -216,9 +216,6 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, buf: Vec<u8>, head: 
     serve_requests(&shard, &mut stream, buf, head, &keep_alive).await;
     shard.http_conns.borrow_mut().remove(&id);
 }
-
-/// Seconds a keep-alive connection may wait for its next request.
-pub const KEEP_ALIVE_SECS: u32 = 30;
 
 async fn serve_requests(
     shard: &Shard,

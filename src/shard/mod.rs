@@ -519,8 +519,9 @@ impl Shard {
                 self.cache.borrow_mut().purge(Instant::now());
             }
             let now = self.now_secs();
+            let idle_limit = self.shared.config.http_keep_alive_timeout;
             for ka in self.http_conns.borrow().values() {
-                if now.saturating_sub(ka.last_active.get()) >= crate::http::KEEP_ALIVE_SECS {
+                if now.saturating_sub(ka.last_active.get()) >= idle_limit {
                     ka.expire();
                 }
             }
