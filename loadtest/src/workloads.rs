@@ -483,7 +483,6 @@ pub struct ClientEventsArgs {
 /// Opens `count` sockets; socket i subscribes to `channel(i)` (signed when needed).
 fn open_subscribed(
     pool: &mut Pool,
-    app: &pusher::App,
     t: &Target,
     count: usize,
     subscribe: &dyn Fn(usize, &str) -> String,
@@ -491,7 +490,6 @@ fn open_subscribed(
     let mut ids = Vec::with_capacity(count);
     let mut ready = 0usize;
     let deadline = now_ns() + t.timeout().as_nanos() as u64;
-    let _ = app;
     while ready < count && now_ns() < deadline {
         while ids.len() < count && pool.opening < t.concurrency {
             match pool.open_ws(ids.len() as u32, now_ns()) {
@@ -532,7 +530,7 @@ pub fn client_events(a: &ClientEventsArgs) {
     let request = pusher::upgrade_request(&t.addr().to_string(), &app.key);
     let mut pool = Pool::new(t.addr(), request, t.source_base);
     let channel = |i: usize| format!("private-ce-{}", i / 2);
-    let ids = open_subscribed(&mut pool, &app, t, a.pairs * 2, &|i, socket_id| {
+    let ids = open_subscribed(&mut pool, t, a.pairs * 2, &|i, socket_id| {
         pusher::subscribe(&app, socket_id, &channel(i), None)
     });
     let server_before = server_sample(t);
@@ -621,7 +619,7 @@ pub fn presence(a: &PresenceArgs) {
     let mut pool = Pool::new(t.addr(), request, t.source_base);
     let channel = |c: usize| format!("presence-load-{c}");
     // One observer per channel, tagged with its channel.
-    let observers = open_subscribed(&mut pool, &app, t, a.channels, &|c, socket_id| {
+    let observers = open_subscribed(&mut pool, t, a.channels, &|c, socket_id| {
         let data = format!("{{\"user_id\":\"observer-{c}\"}}");
         pusher::subscribe(&app, socket_id, &channel(c), Some(&data))
     });
