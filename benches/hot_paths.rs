@@ -129,7 +129,7 @@ fn channel_tables(c: &mut Criterion) {
                 t.add(k.clone(), conn.clone());
             }
             for (k, conn) in keys.iter().zip(&conns) {
-                t.remove(k, conn.id);
+                t.remove(k, conn);
             }
             black_box(t.len())
         })
@@ -147,6 +147,31 @@ fn channel_tables(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // Leaving a big channel: the scan for the leaving socket (worst case: it is last).
+    let key = ChannelKey::new(0, "big");
+    let big: Vec<Rc<Conn>> = (0..10_000)
+        .map(|i| Rc::new(Conn::new(i, 0, 0, 10.0)))
+        .collect();
+    let mut table = LocalChannels::default();
+    for conn in &big {
+        table.add(key.clone(), conn.clone());
+    }
+    let last = big[9_999].clone();
+    c.bench_function(
+        "leave a 10,000-subscriber channel, last in the list: one leave",
+        |b| {
+            b.iter(|| {
+                table.remove(&key, &last);
+                table.add(key.clone(), last.clone());
+            })
+        },
+    );
+    let list: Vec<Rc<Conn>> = big.clone();
+    c.bench_function(
+        "the same scan by connection id (the old way): one scan",
+        |b| b.iter(|| black_box(list.iter().position(|c| c.id == black_box(9_999)))),
+    );
 }
 
 fn fanout(c: &mut Criterion) {

@@ -15,10 +15,11 @@ impl LocalChannels {
         self.channels.entry(key).or_default().push(conn);
     }
 
-    /// Removes one socket; drops the channel entry when it was the last.
-    pub fn remove(&mut self, key: &ChannelKey, conn_id: u64) {
+    /// Removes one socket; drops the channel entry when it was the last. Compares addresses, so
+    /// the scan of a large channel reads only the Vec, never the connections themselves.
+    pub fn remove(&mut self, key: &ChannelKey, conn: &Conn) {
         if let Some(subs) = self.channels.get_mut(key) {
-            if let Some(i) = subs.iter().position(|c| c.id == conn_id) {
+            if let Some(i) = subs.iter().position(|c| std::ptr::eq(Rc::as_ptr(c), conn)) {
                 subs.swap_remove(i);
             }
             if subs.is_empty() {
@@ -48,13 +49,23 @@ mod tests {
     fn add_remove_and_cleanup() {
         let mut t = LocalChannels::default();
         let key = ChannelKey::new(0, "a");
-        t.add(key.clone(), Rc::new(Conn::new(1, 0, 0, 1.0)));
-        t.add(key.clone(), Rc::new(Conn::new(2, 0, 0, 1.0)));
+        let (one, two) = (
+            Rc::new(Conn::new(1, 0, 0, 1.0)),
+            Rc::new(Conn::new(2, 0, 0, 1.0)),
+        );
+        let stranger = Conn::new(1, 0, 0, 1.0);
+        t.add(key.clone(), one.clone());
+        t.add(key.clone(), two.clone());
         assert_eq!(t.subscribers(&key).len(), 2);
-        t.remove(&key, 1);
+        t.remove(&key, &one);
         assert_eq!(t.subscribers(&key)[0].id, 2);
-        t.remove(&key, 99);
-        t.remove(&key, 2);
+        t.remove(&key, &stranger);
+        assert_eq!(
+            t.subscribers(&key).len(),
+            1,
+            "same id, other connection: kept"
+        );
+        t.remove(&key, &two);
         assert!(t.is_empty());
     }
 }

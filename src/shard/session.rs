@@ -236,7 +236,7 @@ fn disconnect(shard: &Shard, conn: &Rc<Conn>) {
             app: conn.app,
             name: sub.name,
         };
-        shard.local.borrow_mut().remove(&key, conn.id);
+        shard.local.borrow_mut().remove(&key, conn);
         shard.leave(key, sub.user_id.map(String::from));
     }
     shard.sign_out(conn);
@@ -463,7 +463,7 @@ fn unsubscribe(shard: &Shard, conn: &Conn, channel: &str) {
             app: conn.app,
             name: sub.name,
         };
-        shard.local.borrow_mut().remove(&key, conn.id);
+        shard.local.borrow_mut().remove(&key, conn);
         shard.leave(key, sub.user_id.map(String::from));
     }
 }

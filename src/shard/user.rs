@@ -240,7 +240,7 @@ impl Shard {
         }
         for (id, _) in user.watchlist.iter() {
             let watched = ChannelKey::user(conn.app, id);
-            self.watching.borrow_mut().remove(&watched, conn.id);
+            self.watching.borrow_mut().remove(&watched, conn);
             let home = watched.home(self.shared.shards);
             let msg = ShardMsg::Unwatch {
                 key: watched,
@@ -249,7 +249,7 @@ impl Shard {
             self.route(home, msg);
         }
         let key = ChannelKey::user(conn.app, &user.id);
-        self.local.borrow_mut().remove(&key, conn.id);
+        self.local.borrow_mut().remove(&key, conn);
         self.leave(key, None);
     }
 }
