@@ -89,6 +89,13 @@ impl Default for Config {
     }
 }
 
+impl AppConfig {
+    /// Whether a user id (sign-in `id`, presence `user_id`, terminate path) is within the limit.
+    pub fn user_id_fits(&self, id: &str) -> bool {
+        id.chars().count() <= self.max_user_id_length as usize
+    }
+}
+
 impl Default for AppConfig {
     fn default() -> Self {
         AppConfig {

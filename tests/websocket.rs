@@ -409,18 +409,7 @@ fn client_events_can_be_switched_off_per_app() {
 fn publishes_reach_subscribers_on_every_shard_exactly_once_in_order() {
     let server = Server::start();
     let mut clients: Vec<Client> = (0..24).map(|_| server.connect()).collect();
-    let shards: std::collections::HashSet<u64> = clients
-        .iter()
-        .map(|c| {
-            c.socket_id
-                .split('.')
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-                % 2
-        })
-        .collect();
+    let shards: std::collections::HashSet<u64> = clients.iter().map(Client::shard).collect();
     assert_eq!(
         shards.len(),
         2,

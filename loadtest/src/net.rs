@@ -155,21 +155,29 @@ impl Ws {
     }
 
     fn flush(&mut self) {
-        while !self.out.is_empty() && self.phase != Phase::Closed {
-            // SAFETY: writes from a live buffer to our own descriptor.
-            let n = unsafe {
-                libc::send(
-                    self.fd,
-                    self.out.as_ptr().cast(),
-                    self.out.len(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
-                return; // EAGAIN: EPOLLOUT resumes; errors surface on the next read.
-            }
-            self.out.drain(..n as usize);
+        if self.phase != Phase::Closed {
+            send_pending(self.fd, &mut self.out);
         }
+    }
+}
+
+/// Writes as much of `out` as the socket takes and drops what was written. On EAGAIN the rest
+/// waits for EPOLLOUT; errors surface on the next read.
+fn send_pending(fd: RawFd, out: &mut Vec<u8>) {
+    while !out.is_empty() {
+        // SAFETY: writes from a live buffer to a descriptor the pool owns.
+        let n = unsafe {
+            libc::send(
+                fd,
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return;
+        }
+        out.drain(..n as usize);
     }
 }
 
@@ -184,6 +192,17 @@ pub struct Http {
 }
 
 impl Http {
+    fn new(fd: RawFd) -> Http {
+        Http {
+            fd,
+            busy: false,
+            sent_at: 0,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            broken: false,
+        }
+    }
+
     pub fn send(&mut self, request: &[u8], now: u64) {
         self.busy = true;
         self.sent_at = now;
@@ -192,21 +211,7 @@ impl Http {
     }
 
     fn flush(&mut self) {
-        while !self.out.is_empty() {
-            // SAFETY: as in Ws::flush.
-            let n = unsafe {
-                libc::send(
-                    self.fd,
-                    self.out.as_ptr().cast(),
-                    self.out.len(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
-                return;
-            }
-            self.out.drain(..n as usize);
-        }
+        send_pending(self.fd, &mut self.out);
     }
 }
 
@@ -315,14 +320,7 @@ impl Pool {
     /// Opens a keep-alive HTTP connection to the target from 127.0.0.1.
     pub fn open_http(&mut self) -> io::Result<usize> {
         let fd = connect_from(Ipv4Addr::LOCALHOST, self.target)?;
-        self.http.push(Http {
-            fd,
-            busy: false,
-            sent_at: 0,
-            inbuf: Vec::new(),
-            out: Vec::new(),
-            broken: false,
-        });
+        self.http.push(Http::new(fd));
         let idx = self.http.len() - 1;
         self.register(fd, HTTP_TOKEN | idx as u64);
         Ok(idx)
@@ -331,17 +329,7 @@ impl Pool {
     /// Replaces a closed HTTP connection (servers may answer `Connection: close`).
     pub fn reopen_http(&mut self, idx: usize) -> io::Result<()> {
         let fd = connect_from(Ipv4Addr::LOCALHOST, self.target)?;
-        let old = std::mem::replace(
-            &mut self.http[idx],
-            Http {
-                fd,
-                busy: false,
-                sent_at: 0,
-                inbuf: Vec::new(),
-                out: Vec::new(),
-                broken: false,
-            },
-        );
+        let old = std::mem::replace(&mut self.http[idx], Http::new(fd));
         // SAFETY: closes the replaced connection's descriptor, which the pool owned.
         unsafe { libc::close(old.fd) };
         self.register(fd, HTTP_TOKEN | idx as u64);

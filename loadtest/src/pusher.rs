@@ -1,6 +1,7 @@
 //! The public Pusher protocol, as much as a load generator needs: the upgrade request, signed
 //! HTTP API requests, channel signatures, and recognising messages without parsing JSON.
 
+use crate::net::Ws;
 use hmac::{Hmac, Mac};
 use memchr::memmem;
 use sha2::Sha256;
@@ -89,6 +90,29 @@ pub fn socket_id(message: &[u8]) -> Option<&str> {
     let at = memmem::find(message, b"socket_id\\\":\\\"")? + 14;
     let len = memchr::memchr(b'\\', &message[at..])?;
     std::str::from_utf8(&message[at..at + len]).ok()
+}
+
+/// Steps a client through `connection_established` -> `pusher:subscribe` ->
+/// `subscription_succeeded` (`ws.step` 0, 1, 2). `subscribe` builds the subscribe message from
+/// the socket's tag and id. Returns true when `message` confirmed the subscription.
+pub fn advance_subscription(
+    ws: &mut Ws,
+    message: &[u8],
+    subscribe: impl FnOnce(u32, &str) -> String,
+) -> bool {
+    if ws.step == 0 && is_event(message, b"pusher:connection_established") {
+        if let Some(id) = socket_id(message) {
+            let text = subscribe(ws.tag, id);
+            ws.step = 1;
+            ws.send_text(text.as_bytes());
+        }
+        false
+    } else if ws.step == 1 && is_event(message, b"pusher_internal:subscription_succeeded") {
+        ws.step = 2;
+        true
+    } else {
+        false
+    }
 }
 
 /// Timestamped payloads: `T` + 20 digits of CLOCK_MONOTONIC ns + `|` + padding to `size` bytes.

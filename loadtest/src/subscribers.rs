@@ -61,19 +61,10 @@ pub fn open_and_subscribe(
             5,
             &mut |ws, _, event| match event {
                 WsEvent::Text(text) => {
-                    if ws.step == 0 && pusher::is_event(text, b"pusher:connection_established") {
-                        if let Some(id) = pusher::socket_id(text) {
-                            let channel = &channels[ws.tag as usize];
-                            let msg = pusher::subscribe(app, id, channel, None);
-                            ws.step = 1;
-                            ws.send_text(msg.as_bytes());
-                        }
-                    } else if ws.step == 1
-                        && pusher::is_event(text, b"pusher_internal:subscription_succeeded")
-                    {
-                        ws.step = 2;
-                        subscribed += 1;
-                    }
+                    let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
+                        pusher::subscribe(app, id, &channels[tag as usize], None)
+                    });
+                    subscribed += confirmed as usize;
                 }
                 WsEvent::Closed => {
                     if ws.step < 2 {

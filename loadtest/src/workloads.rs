@@ -23,6 +23,11 @@ fn server_sample(target: &Target) -> Option<measure::ProcSample> {
     target.server_pid.and_then(measure::sample)
 }
 
+/// Server CPU seconds since `before` (None without `--server-pid`).
+fn server_cpu_since(target: &Target, before: Option<measure::ProcSample>) -> Option<f64> {
+    Some(server_sample(target)?.cpu_secs - before?.cpu_secs)
+}
+
 fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| measure::cpu_secs(*p)).sum()
 }
@@ -298,10 +303,7 @@ pub fn fanout(a: &FanoutArgs) {
             std::thread::sleep(Duration::from_millis(10));
             delivered_at = now_ns();
         }
-        let server_cpu = match (server_before, server_sample(t)) {
-            (Some(b), Some(f)) => Some(f.cpu_secs - b.cpu_secs),
-            _ => None,
-        };
+        let server_cpu = server_cpu_since(t, server_before);
         let generator_cpu = cpu_of(&pids) + measure::own_cpu_secs() - generator_before;
         let (received, closed, hist) = children.mark();
         Phase {
@@ -416,16 +418,10 @@ pub fn churn(a: &ChurnArgs) {
             5,
             &mut |ws, idx, event| match event {
                 WsEvent::Text(text) => {
-                    if ws.step == 0 && pusher::is_event(text, b"pusher:connection_established") {
-                        if let Some(id) = pusher::socket_id(text) {
-                            let msg = pusher::subscribe(&app, id, &channels[ws.tag as usize], None);
-                            ws.step = 1;
-                            ws.send_text(msg.as_bytes());
-                        }
-                    } else if ws.step == 1
-                        && pusher::is_event(text, b"pusher_internal:subscription_succeeded")
-                    {
-                        ws.step = 2;
+                    let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
+                        pusher::subscribe(&app, id, &channels[tag as usize], None)
+                    });
+                    if confirmed {
                         record_latency(&mut hist, ws.since, now_ns());
                         finished.push(idx);
                     }
@@ -453,8 +449,7 @@ pub fn churn(a: &ChurnArgs) {
     r.add("cycles_per_s", r2(cycles as f64 / secs));
     // Latency of one cycle: connect, upgrade, connection_established, subscribe, confirmation.
     r.extend(measure::latency_fields(&hist));
-    if let (Some(b), Some(f)) = (server_before, server_sample(t)) {
-        let cpu = f.cpu_secs - b.cpu_secs;
+    if let Some(cpu) = server_cpu_since(t, server_before) {
         r.add("server_cpu_s", r2(cpu));
         r.add(
             "server_cpu_us_per_cycle",
@@ -504,18 +499,10 @@ fn open_subscribed(
             5,
             &mut |ws, _, event| {
                 if let WsEvent::Text(text) = event {
-                    if ws.step == 0 && pusher::is_event(text, b"pusher:connection_established") {
-                        if let Some(id) = pusher::socket_id(text) {
-                            let msg = subscribe(ws.tag as usize, id);
-                            ws.step = 1;
-                            ws.send_text(msg.as_bytes());
-                        }
-                    } else if ws.step == 1
-                        && pusher::is_event(text, b"pusher_internal:subscription_succeeded")
-                    {
-                        ws.step = 2;
-                        ready += 1;
-                    }
+                    let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
+                        subscribe(tag as usize, id)
+                    });
+                    ready += confirmed as usize;
                 }
             },
             &mut |_, _, _| {},
@@ -592,8 +579,8 @@ pub fn client_events(a: &ClientEventsArgs) {
     r.add("errors", errors);
     r.add("events_per_s", r2(received as f64 / secs));
     r.extend(measure::latency_fields(&hist));
-    if let (Some(b), Some(f)) = (server_before, server_sample(t)) {
-        r.add("server_cpu_s", r2(f.cpu_secs - b.cpu_secs));
+    if let Some(cpu) = server_cpu_since(t, server_before) {
+        r.add("server_cpu_s", r2(cpu));
     }
     r.add("generator_cpu_s", r2(measure::own_cpu_secs() - own_before));
     r.print();
@@ -661,18 +648,11 @@ pub fn presence(a: &PresenceArgs) {
                     }
                 }
                 WsEvent::Text(text) => {
-                    if ws.step == 0 && pusher::is_event(text, b"pusher:connection_established") {
-                        if let Some(id) = pusher::socket_id(text) {
-                            let data = format!("{{\"user_id\":\"m{}\"}}", now_ns());
-                            let msg =
-                                pusher::subscribe(&app, id, &channel(ws.tag as usize), Some(&data));
-                            ws.step = 1;
-                            ws.send_text(msg.as_bytes());
-                        }
-                    } else if ws.step == 1
-                        && pusher::is_event(text, b"pusher_internal:subscription_succeeded")
-                    {
-                        ws.step = 2;
+                    let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
+                        let data = format!("{{\"user_id\":\"m{}\"}}", now_ns());
+                        pusher::subscribe(&app, id, &channel(tag as usize), Some(&data))
+                    });
+                    if confirmed {
                         finished.push(idx);
                     } else if pusher::is_event(text, b"pusher:error") {
                         errors += 1;
@@ -702,8 +682,8 @@ pub fn presence(a: &PresenceArgs) {
     r.add("member_removed_seen", removed);
     r.add("errors", errors);
     r.extend(measure::latency_fields(&added));
-    if let (Some(b), Some(f)) = (server_before, server_sample(t)) {
-        r.add("server_cpu_s", r2(f.cpu_secs - b.cpu_secs));
+    if let Some(cpu) = server_cpu_since(t, server_before) {
+        r.add("server_cpu_s", r2(cpu));
     }
     r.add("generator_cpu_s", r2(measure::own_cpu_secs() - own_before));
     r.print();

@@ -569,8 +569,8 @@ async fn deprecated_trigger(
 
 /// Closes every connection signed in as the user, on every shard (§5.9).
 async fn terminate(shard: &Shard, app: u32, config: &AppConfig, user_id: &str) -> Reply {
-    let limit = config.max_user_id_length as usize;
-    if user_id.is_empty() || user_id.chars().count() > limit {
+    if user_id.is_empty() || !config.user_id_fits(user_id) {
+        let limit = config.max_user_id_length;
         return fail(400, format!("A user id has 1 to {limit} characters"));
     }
     let key = ChannelKey::user(app, user_id);

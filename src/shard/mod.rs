@@ -332,17 +332,13 @@ impl Shard {
             return;
         };
         let (frame, then): (Rc<[u8]>, _) = match &result {
-            Ok(JoinAck {
-                succeeded: Some(frame),
-                then,
-            }) => (Rc::from(&frame[..]), then.as_ref()),
-            Ok(JoinAck {
-                succeeded: None,
-                then,
-            }) => (
-                Rc::from(events::subscription_succeeded(&key.name, "{}")),
-                then.as_ref(),
-            ),
+            Ok(ack) => match &ack.succeeded {
+                Some(frame) => (Rc::from(&frame[..]), ack.then.as_ref()),
+                None => (
+                    Rc::from(events::subscription_succeeded(&key.name, "{}")),
+                    ack.then.as_ref(),
+                ),
+            },
             Err(message) => (Rc::from(events::error(None, message)), None),
         };
         if repeat {

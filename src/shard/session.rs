@@ -417,7 +417,7 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
                     }
                 }
             };
-        if member.0.chars().count() > app.max_user_id_length as usize {
+        if !app.user_id_fits(&member.0) {
             let limit = app.max_user_id_length;
             return fail(&format!(
                 "Presence user_id is longer than {limit} characters"
@@ -432,8 +432,11 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
         None
     };
     let mut subs = conn.subs.borrow_mut();
-    // Most connections join one or two channels: grow one slot at a time.
-    subs.reserve_exact(1);
+    // Most connections join one channel: the first takes one slot, not the usual four. Later
+    // ones grow the Vec as usual, so a connection on many channels does not reallocate on each.
+    if subs.capacity() == 0 {
+        subs.reserve_exact(1);
+    }
     subs.push(Sub {
         name: channel.into(),
         confirmed: false,

@@ -64,7 +64,7 @@ pub fn signin(shard: &Shard, conn: &Conn, data: Option<SigninData>) {
         Ok(user) => user,
         Err(message) => return fail(message),
     };
-    if user.id.chars().count() > app.max_user_id_length as usize {
+    if !app.user_id_fits(&user.id) {
         let limit = app.max_user_id_length;
         return fail(&format!("User id is longer than {limit} characters"));
     }

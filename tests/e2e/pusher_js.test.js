@@ -56,7 +56,8 @@ test.after(() => {
   server.kill('SIGTERM');
 });
 
-function client(userId) {
+// A pusher-js client of the test server; `options` adds to the connection settings.
+function connect(options) {
   const c = new PusherClient(APP.key, {
     cluster: 'mt1',
     wsHost: '127.0.0.1',
@@ -64,6 +65,14 @@ function client(userId) {
     forceTLS: false,
     enabledTransports: ['ws'],
     disableStats: true,
+    ...options,
+  });
+  clients.push(c);
+  return c;
+}
+
+function client(userId) {
+  return connect({
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) => {
         const presence = channelName.startsWith('presence-')
@@ -73,8 +82,6 @@ function client(userId) {
       },
     },
   });
-  clients.push(c);
-  return c;
 }
 
 function once(emitter, event) {
@@ -190,17 +197,11 @@ test('presence users and user_count through the pusher library', async () => {
   assert.deepEqual(info, { occupied: true, user_count: 1 });
 });
 
-/// A client that signs in as `userId` (authenticateUser) and authorizes channels without
-/// presence data, so presence membership comes from the sign-in.
+// A client that signs in as `userId` (authenticateUser) and authorizes channels without
+// presence data, so presence membership comes from the sign-in.
 function userClient(userId, { watchlist, encryption = false } = {}) {
-  const c = new PusherClient(APP.key, {
+  return connect({
     ...(encryption ? { nacl } : {}),
-    cluster: 'mt1',
-    wsHost: '127.0.0.1',
-    wsPort: server.port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
     userAuthentication: {
       customHandler: ({ socketId }, callback) => {
         const user = { id: userId, user_info: { name: `User ${userId}` } };
@@ -214,8 +215,6 @@ function userClient(userId, { watchlist, encryption = false } = {}) {
       },
     },
   });
-  clients.push(c);
-  return c;
 }
 
 async function waitFor(what, predicate, ms = 5000) {
