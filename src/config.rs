@@ -28,6 +28,14 @@ pub struct Config {
     pub http_keep_alive_timeout: u32,
     /// Connections the whole server accepts before answering 4100 "Over capacity"; 0 = no limit.
     pub max_connections: usize,
+    /// Seconds from accept by which the first request (an HTTP request with its body, or a
+    /// WebSocket upgrade) must have arrived in full; slower sockets are closed.
+    pub request_timeout: u32,
+    /// Sockets accepted but not yet past their first request head; beyond, new ones get 503.
+    pub max_pending_connections: usize,
+    /// Bytes of incomplete WebSocket messages held for all connections together; beyond, the
+    /// connections that have held one longest are closed with 1008.
+    pub max_partial_message_bytes: usize,
     /// Accept connections that send no `protocol` parameter (treated as 7). Strict mode answers 4008.
     pub allow_missing_protocol: bool,
     pub apps: Vec<AppConfig>,
@@ -67,6 +75,8 @@ pub struct AppConfig {
     pub cache_ttl: u32,
     /// Longest user id (presence `user_id`, sign-in `id`) in characters.
     pub max_user_id_length: u32,
+    /// Channels one connection may be subscribed to (or be subscribing to) at once.
+    pub max_subscriptions_per_connection: u32,
 }
 
 impl Default for Config {
@@ -83,6 +93,9 @@ impl Default for Config {
             max_request_body_bytes: 1 << 20,
             http_keep_alive_timeout: 30,
             max_connections: 0,
+            request_timeout: 10,
+            max_pending_connections: 1024,
+            max_partial_message_bytes: 64 << 20,
             allow_missing_protocol: true,
             apps: Vec::new(),
         }
@@ -121,6 +134,7 @@ impl Default for AppConfig {
             authorization_timeout: 30,
             cache_ttl: 1800,
             max_user_id_length: 128,
+            max_subscriptions_per_connection: 256,
         }
     }
 }
@@ -336,6 +350,23 @@ impl Config {
                 "must be at least 1 second",
             ));
         }
+        if self.request_timeout == 0 {
+            return Err(err(source, "request_timeout", "must be at least 1 second"));
+        }
+        if self.max_pending_connections == 0 {
+            return Err(err(
+                source,
+                "max_pending_connections",
+                "must be greater than 0",
+            ));
+        }
+        if self.max_partial_message_bytes < self.max_ws_message_bytes {
+            return Err(err(
+                source,
+                "max_partial_message_bytes",
+                "must be at least max_ws_message_bytes",
+            ));
+        }
         if self.max_ws_message_bytes < 1024 {
             return Err(err(source, "max_ws_message_bytes", "must be at least 1024"));
         }
@@ -401,6 +432,10 @@ impl Config {
                 ("authorization_timeout", app.authorization_timeout),
                 ("cache_ttl", app.cache_ttl),
                 ("max_user_id_length", app.max_user_id_length),
+                (
+                    "max_subscriptions_per_connection",
+                    app.max_subscriptions_per_connection,
+                ),
             ];
             for (field, value) in positive {
                 if value == 0 {

@@ -3,8 +3,10 @@
 
 use crate::config::Config;
 use crate::http;
+use crate::shard::deadline::DeadlineGuard;
 use crate::shard::messages::ShardMsg;
-use crate::shard::{session, Shard, Shared};
+use crate::shard::{contain, session, Shard, Shared};
+use futures_lite::io::AsyncWriteExt;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -91,17 +93,14 @@ pub fn run(config: Config) -> io::Result<()> {
         .collect();
     let shared = Arc::new(Shared::new(config, shards));
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
+    contain::install_panic_hook(shared.clone());
+    // Blocked here, so that every executor thread started below inherits the mask and only the
+    // signal thread ever receives them: a signal never interrupts an executor's io_uring wait.
+    let signals = block_shutdown_signals()?;
     let for_signals = shared.clone();
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("shardpush: signal received, closing connections (4200) and stopping");
-            for_signals.shutdown.store(true, Ordering::Relaxed);
-        }
-    });
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || wait_for_signals(signals, &for_signals))?;
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mesh = MeshBuilder::<ShardMsg, _>::full(shards, MESH_CHANNEL_SIZE);
@@ -140,8 +139,48 @@ pub fn run(config: Config) -> io::Result<()> {
         let _ = handle.join();
     }
     let slow = shared.slow_consumer_closes.load(Ordering::Relaxed);
-    println!("shardpush stopped ({slow} slow-consumer disconnects)");
+    let panics = shared.contained_panics.load(Ordering::Relaxed);
+    println!(
+        "shardpush stopped ({slow} slow-consumer disconnects, {panics} connection handler panics)"
+    );
     Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and so in every thread it starts later).
+fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: plain libc calls on a local, initialised signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+/// The signal thread: the first SIGINT/SIGTERM starts a graceful shutdown, a second one exits
+/// at once. `sigwait` takes pending signals too, so none sent before this thread runs is lost.
+fn wait_for_signals(set: libc::sigset_t, shared: &Shared) {
+    let mut received = 0;
+    loop {
+        let mut signal = 0;
+        // SAFETY: `set` is a valid signal set and `signal` a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+            continue;
+        }
+        received += 1;
+        if received == 1 {
+            shared.shutdown.store(true, Ordering::Relaxed);
+            eprintln!("shardpush: signal received, closing connections (4200) and stopping");
+        } else {
+            eprintln!("shardpush: second signal, exiting now");
+            std::process::exit(128 + signal);
+        }
+    }
 }
 
 async fn run_shard(
@@ -229,18 +268,62 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, slot: usize, api_o
     }
 }
 
-async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream, api_only: bool) {
+async fn serve_socket(shard: Rc<Shard>, stream: TcpStream, api_only: bool) {
+    let shared = shard.shared.clone();
+    let in_progress = shared.pending_connections.fetch_add(1, Ordering::Relaxed);
+    let pending = PendingGuard(&shared);
+    // A panic while serving this socket ends this socket only.
+    let _ = contain::contain(serve_new_socket(
+        shard,
+        stream,
+        api_only,
+        in_progress,
+        pending,
+    ))
+    .await;
+}
+
+/// Uncounts a socket from `pending_connections` once its first request head is in (or never).
+struct PendingGuard<'a>(&'a Shared);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.pending_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_new_socket(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    api_only: bool,
+    in_progress: usize,
+    pending: PendingGuard<'_>,
+) {
     let _ = stream.set_nodelay(true);
-    // Slow or silent peers cannot hold a socket open before they finish a request.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let config = &shard.shared.config;
+    if in_progress >= config.max_pending_connections {
+        let message = "Too many connections are being opened at once; retry shortly";
+        let _ = stream.write_all(&http::error_response(503, message)).await;
+        return;
+    }
+    // Slow or silent peers cannot hold a socket open: the whole first request (and, for HTTP,
+    // its body) must arrive within `request_timeout`.
+    let deadline = DeadlineGuard::new(&shard, config.request_timeout);
     let mut buf = Vec::new();
-    let Some(head) = http::read_head(&shard, &mut stream, &mut buf).await else {
+    let head = futures_lite::future::or(http::read_head(&shard, &mut stream, &mut buf), async {
+        deadline.expired().await;
+        None
+    })
+    .await;
+    drop(pending);
+    let Some(head) = head else {
         return;
     };
     // The HTTP path is boxed so that its state does not enlarge every WebSocket task.
     if head.is_websocket_upgrade() && !api_only {
+        drop(deadline);
         session::run(shard, stream, head, buf).await;
     } else {
-        Box::pin(http::serve(shard, stream, buf, head)).await;
+        Box::pin(http::serve(shard, stream, buf, head, deadline)).await;
     }
 }

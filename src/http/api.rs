@@ -7,7 +7,7 @@ use crate::channels::ChannelKey;
 use crate::config::AppConfig;
 use crate::protocol::channel::{is_cache_channel, validate_name, ChannelKind};
 use crate::protocol::events::{self, Data};
-use crate::protocol::json::{self, str_literal};
+use crate::protocol::json::{self, check_depth, str_literal, MAX_JSON_DEPTH};
 use crate::shard::messages::{CachedEvent, ChannelStats, Query, QueryReply};
 use crate::shard::Shard;
 use serde::Deserialize;
@@ -348,6 +348,9 @@ fn stats_json(stats: &ChannelStats, users: bool, subs: bool, occupied: Option<bo
 }
 
 async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
+    if let Err(message) = check_depth(body, MAX_JSON_DEPTH) {
+        return fail(400, message);
+    }
     let input: EventIn<'_> = match sonic_rs::from_slice(body) {
         Ok(v) => v,
         Err(e) => return fail(400, format!("Invalid JSON body: {e}")),
@@ -372,6 +375,9 @@ async fn batch(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Repl
     struct BatchIn<'a> {
         #[serde(borrow)]
         batch: Vec<EventIn<'a>>,
+    }
+    if let Err(message) = check_depth(body, MAX_JSON_DEPTH) {
+        return fail(400, message);
     }
     let input: BatchIn<'_> = match sonic_rs::from_slice(body) {
         Ok(v) => v,

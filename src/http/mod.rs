@@ -4,15 +4,15 @@
 pub mod api;
 pub mod signature;
 
+use crate::shard::deadline::{Deadline, DeadlineGuard};
 use crate::shard::Shard;
 use futures_lite::io::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
-use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
@@ -99,6 +99,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) 
         411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
+        503 => "Service Unavailable",
         431 => "Request Header Fields Too Large",
         _ => "Error",
     };
@@ -120,46 +121,13 @@ pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     response(status, "application/json", body.as_bytes(), false)
 }
 
-/// A keep-alive HTTP connection as the shard's sweeper sees it: idle ones are expired there,
-/// once a second, instead of arming (and cancelling) an io_uring timer on every read.
-#[derive(Default)]
-pub struct KeepAlive {
-    pub last_active: Cell<u32>,
-    pub expired: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl KeepAlive {
-    pub fn expire(&self) {
-        self.expired.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-}
-
 /// Reads whatever the socket has into `buf`, through the shard's scratch buffer.
 pub async fn read_into(
     shard: &Shard,
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> io::Result<usize> {
-    read_until_expired(shard, stream, buf, None).await
-}
-
-async fn read_until_expired(
-    shard: &Shard,
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    keep_alive: Option<&KeepAlive>,
-) -> io::Result<usize> {
     poll_fn(|cx| {
-        if let Some(ka) = keep_alive {
-            if ka.expired.get() {
-                return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
-            }
-            *ka.waker.borrow_mut() = Some(cx.waker().clone());
-        }
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(n)) => {
@@ -172,17 +140,9 @@ async fn read_until_expired(
     .await
 }
 
-/// Reads one request head. On a bad or oversized head it answers and returns None.
+/// Reads one request head. On a bad or oversized head it answers and returns None. The caller
+/// bounds the time it may take (a `Deadline`).
 pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Head> {
-    read_head_until_expired(shard, stream, buf, None).await
-}
-
-async fn read_head_until_expired(
-    shard: &Shard,
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    keep_alive: Option<&KeepAlive>,
-) -> Option<Head> {
     loop {
         match parse_head(buf) {
             Parsed::Complete(head) => return Some(head),
@@ -196,7 +156,7 @@ async fn read_head_until_expired(
                     .await;
                 return None;
             }
-            Parsed::Partial => match read_until_expired(shard, stream, buf, keep_alive).await {
+            Parsed::Partial => match read_into(shard, stream, buf).await {
                 Ok(n) if n > 0 => {}
                 _ => return None,
             },
@@ -204,17 +164,44 @@ async fn read_head_until_expired(
     }
 }
 
+/// The body length a head announces: `Ok(0)` without `Content-Length`; an error for a bad
+/// value or for several that disagree (RFC 9112 §6.3: a request smuggling vector).
+fn content_length(head: &Head) -> Result<usize, &'static str> {
+    let mut length = None;
+    let values = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .flat_map(|(_, v)| v.split(','));
+    for value in values {
+        let n = value
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| "Invalid Content-Length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("Conflicting Content-Length headers");
+        }
+        length = Some(n);
+    }
+    Ok(length.unwrap_or(0))
+}
+
 /// Serves HTTP requests on a keep-alive connection, starting with `head` (already in `buf`).
-/// The first request was read under the socket's read timeout; after it, the sweeper closes
-/// connections idle for `http_keep_alive_timeout` seconds.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, buf: Vec<u8>, head: Head) {
-    let _ = stream.set_read_timeout(None);
-    let id = shard.new_conn_id();
-    let keep_alive = Rc::new(KeepAlive::default());
-    keep_alive.last_active.set(shard.now_secs());
-    shard.http_conns.borrow_mut().insert(id, keep_alive.clone());
-    serve_requests(&shard, &mut stream, buf, head, &keep_alive).await;
-    shard.http_conns.borrow_mut().remove(&id);
+/// `deadline` bounds each request: it was set at accept for the first one; each complete request
+/// gets `request_timeout` to be answered, and the connection then `http_keep_alive_timeout` to
+/// send the whole of its next request. Whatever the socket is doing, it is closed at the deadline.
+pub async fn serve(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    buf: Vec<u8>,
+    head: Head,
+    deadline: DeadlineGuard,
+) {
+    futures_lite::future::or(
+        serve_requests(&shard, &mut stream, buf, head, &deadline),
+        deadline.expired(),
+    )
+    .await
 }
 
 async fn serve_requests(
@@ -222,24 +209,21 @@ async fn serve_requests(
     stream: &mut TcpStream,
     mut buf: Vec<u8>,
     mut head: Head,
-    keep_alive: &KeepAlive,
+    deadline: &Deadline,
 ) {
-    let max_body = shard.shared.config.max_request_body_bytes;
+    let config = &shard.shared.config;
+    let max_body = config.max_request_body_bytes;
     loop {
-        keep_alive.last_active.set(shard.now_secs());
         if head.header("transfer-encoding").is_some() {
             let _ = stream
                 .write_all(&error_response(411, "Send the body with a Content-Length"))
                 .await;
             return;
         }
-        let length = match head.header("content-length").map(|v| v.parse::<usize>()) {
-            None => 0,
-            Some(Ok(n)) => n,
-            Some(Err(_)) => {
-                let _ = stream
-                    .write_all(&error_response(400, "Invalid Content-Length"))
-                    .await;
+        let length = match content_length(&head) {
+            Ok(n) => n,
+            Err(message) => {
+                let _ = stream.write_all(&error_response(400, message)).await;
                 return;
             }
         };
@@ -250,11 +234,12 @@ async fn serve_requests(
             return;
         }
         while buf.len() < head.len + length {
-            match read_until_expired(shard, stream, &mut buf, Some(keep_alive)).await {
+            match read_into(shard, stream, &mut buf).await {
                 Ok(n) if n > 0 => {}
                 _ => return,
             }
         }
+        deadline.extend(shard, config.request_timeout);
         let persistent = head.keep_alive();
         let body = &buf[head.len..head.len + length];
         let reply = api::handle(shard, &head, body).await;
@@ -267,11 +252,12 @@ async fn serve_requests(
         if stream.write_all(&bytes).await.is_err() || !persistent {
             return;
         }
+        deadline.extend(shard, config.http_keep_alive_timeout);
         buf.drain(..head.len + length);
         if buf.is_empty() {
             buf = Vec::new();
         }
-        head = match read_head_until_expired(shard, stream, &mut buf, Some(keep_alive)).await {
+        head = match read_head(shard, stream, &mut buf).await {
             Some(h) => h,
             None => return,
         };
@@ -281,6 +267,26 @@ async fn serve_requests(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(raw: &str) -> Head {
+        match parse_head(raw.as_bytes()) {
+            Parsed::Complete(h) => h,
+            _ => panic!("not a complete head: {raw}"),
+        }
+    }
+
+    #[test]
+    fn content_length_must_agree() {
+        let len = |extra: &str| content_length(&head(&format!("POST / HTTP/1.1\r\n{extra}\r\n")));
+        assert_eq!(len(""), Ok(0));
+        assert_eq!(len("Content-Length: 12\r\n"), Ok(12));
+        assert_eq!(len("Content-Length: 12\r\nContent-Length: 12\r\n"), Ok(12));
+        assert_eq!(len("Content-Length: 12, 12\r\n"), Ok(12));
+        assert!(len("Content-Length: 12\r\nContent-Length: 13\r\n").is_err());
+        assert!(len("Content-Length: 12, 0\r\n").is_err());
+        assert!(len("Content-Length: -1\r\n").is_err());
+        assert!(len("Content-Length: \r\n").is_err());
+    }
 
     #[test]
     fn parses_heads_and_keep_alive_rules() {

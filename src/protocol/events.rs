@@ -1,7 +1,7 @@
 //! Pusher event envelopes. Server -> client `data` is a JSON-encoded string everywhere except
 //! `pusher:error`, whose `data` is an object (reference §2.0).
 
-use super::json::push_str_literal;
+use super::json::{check_depth, push_str_literal, MAX_JSON_DEPTH};
 use super::ws::text_frame;
 use serde::Deserialize;
 use sonic_rs::{JsonValueTrait, LazyValue};
@@ -230,6 +230,7 @@ pub struct UserData {
 }
 
 pub fn parse_user_data(text: &str) -> Result<UserData, &'static str> {
+    check_depth(text.as_bytes(), MAX_JSON_DEPTH).map_err(|_| "user_data is nested too deeply")?;
     let value: LazyValue<'_> =
         sonic_rs::from_str(text).map_err(|_| "user_data is not valid JSON")?;
     let raw = value.as_raw_str();
@@ -279,6 +280,8 @@ pub struct PresenceMember {
 }
 
 pub fn parse_channel_data(text: &str) -> Result<PresenceMember, &'static str> {
+    check_depth(text.as_bytes(), MAX_JSON_DEPTH)
+        .map_err(|_| "channel_data is nested too deeply")?;
     let value: LazyValue<'_> =
         sonic_rs::from_str(text).map_err(|_| "channel_data is not valid JSON")?;
     let user_id = sonic_rs::get(value.as_raw_str(), ["user_id"])
@@ -297,6 +300,7 @@ pub fn decode_object<T: serde::de::DeserializeOwned>(data: Option<&LazyValue<'_>
     let data = data?;
     if data.is_str() {
         let inner: String = sonic_rs::from_str(data.as_raw_str()).ok()?;
+        check_depth(inner.as_bytes(), MAX_JSON_DEPTH).ok()?;
         return sonic_rs::from_str(&inner).ok();
     }
     sonic_rs::from_str(data.as_raw_str()).ok()

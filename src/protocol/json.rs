@@ -42,8 +42,48 @@ pub fn str_literal(s: &str) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// Deepest nesting of arrays and objects accepted from the network. A Pusher envelope needs three
+/// levels; application `data` rarely needs more than a handful. JSON parsers recurse per level, so
+/// without this bound a few kilobytes of `[[[[...` would exhaust a shard's stack.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Checks, in one pass without recursion, that `bytes` nests arrays and objects at most
+/// `max_depth` deep (brackets inside strings do not count). It validates nothing else: the parser
+/// that runs afterwards does, and can no longer recurse without bound.
+pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(format!(
+                        "JSON nested deeper than {max_depth} levels is not accepted"
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Re-serialises any JSON text compactly (no insignificant whitespace). `None` if it is not JSON.
 pub fn compact(raw: &str) -> Option<String> {
+    check_depth(raw.as_bytes(), MAX_JSON_DEPTH).ok()?;
     let value: sonic_rs::Value = sonic_rs::from_str(raw).ok()?;
     sonic_rs::to_string(&value).ok()
 }
@@ -64,6 +104,18 @@ mod tests {
         let s = "{\"k\":\"v\\\\\"}\t\u{7f}\u{0}end";
         let back: String = sonic_rs::from_str(&str_literal(s)).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn depth_counts_brackets_outside_strings_only() {
+        assert!(check_depth(br#"{"a":[{"b":[]}]}"#, 4).is_ok());
+        assert!(check_depth(br#"{"a":[{"b":[]}]}"#, 3).is_err());
+        assert!(check_depth(br#"{"a":"[[[[[[\"[[[["}"#, 1).is_ok());
+        let deep = "[".repeat(20_000);
+        assert!(check_depth(deep.as_bytes(), MAX_JSON_DEPTH).is_err());
+        // Closing brackets never take the count below zero, so they cannot buy extra depth.
+        assert!(check_depth(b"]]]]]][[", 2).is_ok());
+        assert!(check_depth(b"]]]]]][[[", 2).is_err());
     }
 
     #[test]

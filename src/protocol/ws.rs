@@ -69,25 +69,34 @@ pub fn upgrade_response(sec_key: &[u8], subprotocol: Option<&str>) -> Vec<u8> {
 /// What the reader found in the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inbound {
-    /// A complete text message (already unmasked).
+    /// A complete text message: unmasked, reassembled and valid UTF-8.
     Text(Vec<u8>),
     /// A complete binary message: not part of the Pusher protocol.
     Binary,
     Ping(Vec<u8>),
     Pong,
-    /// Close frame with the peer's code, if any.
+    /// Close frame with the peer's code, if any (a valid one: others are a `Violation`).
     Close(Option<u16>),
     /// A data message larger than the limit; its bytes are being skipped, not stored.
     TooLarge(u64),
-    /// A violation of RFC 6455 (unmasked client frame, bad opcode, ...): close with 1002.
-    ProtocolError(&'static str),
+    /// The peer broke RFC 6455: close with `code` (1002 protocol error, 1007 invalid UTF-8).
+    /// The reader has discarded what it held and ignores everything received after this.
+    Violation {
+        code: u16,
+        reason: &'static str,
+    },
 }
+
+/// Close code for a frame that breaks RFC 6455.
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Close code for a text message (or close reason) that is not UTF-8.
+pub const CLOSE_INVALID_UTF8: u16 = 1007;
 
 /// Incremental frame reader. Holds only the bytes of an incomplete frame (usually none).
 #[derive(Default)]
 pub struct FrameReader {
     /// Received bytes not yet consumed.
-    pub buf: Vec<u8>,
+    buf: Vec<u8>,
     /// Payload of a fragmented message under assembly.
     fragments: Vec<u8>,
     fragment_opcode: Option<u8>,
@@ -95,6 +104,8 @@ pub struct FrameReader {
     skip: u64,
     /// Discarding the remaining fragments of an oversize message.
     skipping_message: bool,
+    /// A violation was reported: the stream cannot be resynchronised, so input is dropped.
+    failed: bool,
 }
 
 impl FrameReader {
@@ -105,15 +116,23 @@ impl FrameReader {
         }
     }
 
-    /// Approximate heap bytes held, for memory accounting.
+    /// Heap bytes held for incomplete frames and messages, for memory accounting.
     pub fn held_bytes(&self) -> usize {
         self.buf.capacity() + self.fragments.capacity()
     }
 
+    /// Whether a message (or a frame) has started but not finished arriving.
+    pub fn is_mid_message(&self) -> bool {
+        !self.buf.is_empty() || self.fragment_opcode.is_some()
+    }
+
     /// Appends received bytes, discarding any that belong to an oversize frame.
     pub fn feed(&mut self, mut data: &[u8]) {
+        if self.failed {
+            return;
+        }
         if self.skip > 0 && self.buf.is_empty() {
-            let n = (self.skip.min(data.len() as u64)) as usize;
+            let n = usize::try_from(self.skip).map_or(data.len(), |s| s.min(data.len()));
             self.skip -= n as u64;
             data = &data[n..];
         }
@@ -122,12 +141,32 @@ impl FrameReader {
         }
     }
 
-    /// Parses the next complete event out of `buf`; `None` when more bytes are needed.
-    /// `max_message` bounds a (reassembled) data message.
+    /// Drops everything held and ignores all further input (after a violation, or when the
+    /// connection is being closed for another reason).
+    pub fn fail(&mut self) {
+        self.failed = true;
+        self.buf = Vec::new();
+        self.fragments = Vec::new();
+        self.fragment_opcode = None;
+        self.skip = 0;
+    }
+
+    fn violation(&mut self, code: u16, reason: &'static str) -> Option<Inbound> {
+        self.fail();
+        Some(Inbound::Violation { code, reason })
+    }
+
+    /// Parses the next complete event out of what was fed; `None` when more bytes are needed.
+    /// `max_message` bounds a (reassembled) data message. Every call either consumes bytes or
+    /// returns `None`, and after a `Violation` it returns `None` for good.
     pub fn next(&mut self, max_message: usize) -> Option<Inbound> {
         loop {
+            if self.failed {
+                return None;
+            }
             if self.skip > 0 {
-                let n = (self.skip.min(self.buf.len() as u64)) as usize;
+                let n =
+                    usize::try_from(self.skip).map_or(self.buf.len(), |s| s.min(self.buf.len()));
                 self.buf.drain(..n);
                 self.skip -= n as u64;
                 if self.skip > 0 {
@@ -142,23 +181,41 @@ impl FrameReader {
                     self.release_if_empty();
                     return None;
                 }
-                Err(_) => return Some(Inbound::ProtocolError("Invalid frame header")),
+                Err(_) => return self.violation(CLOSE_PROTOCOL_ERROR, "Invalid frame header"),
             };
             let header_len = cursor.position() as usize;
             let Some(mask) = header.mask else {
-                return Some(Inbound::ProtocolError("Client frames must be masked"));
+                return self.violation(CLOSE_PROTOCOL_ERROR, "Client frames must be masked");
             };
             if header.rsv1 || header.rsv2 || header.rsv3 {
-                return Some(Inbound::ProtocolError("Reserved bits must be zero"));
+                return self.violation(CLOSE_PROTOCOL_ERROR, "Reserved bits must be zero");
+            }
+            if len >> 63 != 0 {
+                return self.violation(CLOSE_PROTOCOL_ERROR, "Frame length has its top bit set");
             }
             let is_control = matches!(header.opcode, OpCode::Control(_));
             if is_control && (len > 125 || !header.is_final) {
-                return Some(Inbound::ProtocolError("Invalid control frame"));
+                return self.violation(CLOSE_PROTOCOL_ERROR, "Invalid control frame");
+            }
+            let in_message = self.fragment_opcode.is_some() || self.skipping_message;
+            match header.opcode {
+                OpCode::Data(Data::Continue) if !in_message => {
+                    return self
+                        .violation(CLOSE_PROTOCOL_ERROR, "Continuation without a start frame");
+                }
+                OpCode::Data(Data::Text | Data::Binary) if in_message => {
+                    return self
+                        .violation(CLOSE_PROTOCOL_ERROR, "New message inside a fragmented one");
+                }
+                OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                    return self.violation(CLOSE_PROTOCOL_ERROR, "Reserved opcode");
+                }
+                _ => {}
             }
             let assembled = self.fragments.len() as u64;
-            if !is_control && (self.skipping_message || len + assembled > max_message as u64) {
+            let message_len = len.saturating_add(assembled);
+            if !is_control && (self.skipping_message || message_len > max_message as u64) {
                 // Drop the whole message without buffering it.
-                let total = len + assembled;
                 self.buf.drain(..header_len);
                 self.skip = len;
                 self.fragments = Vec::new();
@@ -166,11 +223,12 @@ impl FrameReader {
                 let first_of_message = !self.skipping_message;
                 self.skipping_message = !header.is_final;
                 if first_of_message {
-                    return Some(Inbound::TooLarge(total));
+                    return Some(Inbound::TooLarge(message_len));
                 }
                 continue;
             }
-            let total = header_len + len as usize;
+            // Below max_message (or 125 for control frames), so it fits a usize.
+            let total = header_len + usize::try_from(len).unwrap_or(usize::MAX - header_len);
             if self.buf.len() < total {
                 // Reserve once so the rest of the frame does not reallocate repeatedly.
                 self.buf.reserve(total - self.buf.len());
@@ -184,44 +242,57 @@ impl FrameReader {
             match header.opcode {
                 OpCode::Control(Control::Ping) => return Some(Inbound::Ping(payload)),
                 OpCode::Control(Control::Pong) => return Some(Inbound::Pong),
-                OpCode::Control(Control::Close) => {
-                    let code =
-                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    return Some(Inbound::Close(code));
-                }
-                OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                    return Some(Inbound::ProtocolError("Reserved opcode"));
-                }
+                OpCode::Control(Control::Close) => return self.close(&payload),
                 OpCode::Data(Data::Continue) => {
-                    let Some(op) = self.fragment_opcode else {
-                        return Some(Inbound::ProtocolError("Continuation without a start frame"));
-                    };
                     self.fragments.extend_from_slice(&payload);
                     if header.is_final {
-                        self.fragment_opcode = None;
+                        let op = self.fragment_opcode.take().unwrap_or(OP_BINARY);
                         let message = std::mem::take(&mut self.fragments);
-                        return Some(finish(op, message));
+                        return self.finish(op, message);
                     }
                 }
                 OpCode::Data(data) => {
-                    if self.fragment_opcode.is_some() {
-                        return Some(Inbound::ProtocolError(
-                            "New message inside a fragmented one",
-                        ));
-                    }
                     let op = if data == Data::Text {
                         OP_TEXT
                     } else {
                         OP_BINARY
                     };
                     if header.is_final {
-                        return Some(finish(op, payload));
+                        return self.finish(op, payload);
                     }
                     self.fragment_opcode = Some(op);
                     self.fragments = payload;
                 }
+                // Rejected above.
+                OpCode::Control(Control::Reserved(_)) => {}
             }
         }
+    }
+
+    fn finish(&mut self, opcode: u8, payload: Vec<u8>) -> Option<Inbound> {
+        if opcode != OP_TEXT {
+            return Some(Inbound::Binary);
+        }
+        if std::str::from_utf8(&payload).is_err() {
+            return self.violation(CLOSE_INVALID_UTF8, "Text message is not valid UTF-8");
+        }
+        Some(Inbound::Text(payload))
+    }
+
+    /// A close frame: no payload, or a valid code and a UTF-8 reason (RFC 6455 §5.5.1, §7.4).
+    fn close(&mut self, payload: &[u8]) -> Option<Inbound> {
+        let (code, reason) = match payload {
+            [] => return Some(Inbound::Close(None)),
+            [_] => return self.violation(CLOSE_PROTOCOL_ERROR, "Close payload of one byte"),
+            [hi, lo, reason @ ..] => (u16::from_be_bytes([*hi, *lo]), reason),
+        };
+        if !is_valid_close_code(code) {
+            return self.violation(CLOSE_PROTOCOL_ERROR, "Invalid close code");
+        }
+        if std::str::from_utf8(reason).is_err() {
+            return self.violation(CLOSE_INVALID_UTF8, "Close reason is not valid UTF-8");
+        }
+        Some(Inbound::Close(Some(code)))
     }
 
     fn release_if_empty(&mut self) {
@@ -231,12 +302,10 @@ impl FrameReader {
     }
 }
 
-fn finish(opcode: u8, payload: Vec<u8>) -> Inbound {
-    if opcode == OP_TEXT {
-        Inbound::Text(payload)
-    } else {
-        Inbound::Binary
-    }
+/// Codes a peer may send in a close frame: the defined ones (1004-1006 and 1015 are reserved for
+/// reporting, never sent) and the ranges for libraries (3000-3999) and applications (4000-4999).
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn unmask(buf: &mut [u8], mask: [u8; 4]) {
@@ -334,14 +403,144 @@ pub(crate) mod tests {
         assert_eq!(r.next(1000), Some(Inbound::Text(b"ok".to_vec())));
     }
 
+    fn violation_code(bytes: &[u8]) -> Option<u16> {
+        let mut r = FrameReader::default();
+        r.feed(bytes);
+        let mut seen = None;
+        // Bounded: every call consumes bytes or ends the stream.
+        for _ in 0..bytes.len() + 2 {
+            match r.next(1000) {
+                Some(Inbound::Violation { code, .. }) => seen = Some(code),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        assert_eq!(r.next(1000), None, "nothing is read after a violation");
+        r.feed(&client_frame(OP_TEXT, true, b"late"));
+        assert_eq!(r.next(1000), None, "input after a violation is ignored");
+        assert_eq!(r.held_bytes(), 0);
+        seen
+    }
+
+    fn with_header_bits(mut frame: Vec<u8>, first_byte_or: u8) -> Vec<u8> {
+        frame[0] |= first_byte_or;
+        frame
+    }
+
     #[test]
-    fn rejects_unmasked_and_bad_control_frames() {
+    fn every_protocol_violation_closes_with_1002_once() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unmasked", text_frame(b"x")),
+            (
+                "rsv1",
+                with_header_bits(client_frame(OP_TEXT, true, b"x"), 0x40),
+            ),
+            (
+                "rsv3",
+                with_header_bits(client_frame(OP_TEXT, true, b"x"), 0x10),
+            ),
+            ("opcode 3", client_frame(0x3, true, b"x")),
+            ("opcode 7", client_frame(0x7, true, b"x")),
+            ("opcode 0xB", client_frame(0xB, true, b"x")),
+            ("opcode 0xF", client_frame(0xF, true, b"x")),
+            ("ping of 126 bytes", client_frame(OP_PING, true, &[0; 126])),
+            ("fragmented ping", client_frame(OP_PING, false, b"p")),
+            ("lone continuation", client_frame(0x0, true, b"x")),
+            ("close of one byte", client_frame(OP_CLOSE, true, &[3])),
+            (
+                "close code 0",
+                client_frame(OP_CLOSE, true, &0u16.to_be_bytes()),
+            ),
+            (
+                "close code 999",
+                client_frame(OP_CLOSE, true, &999u16.to_be_bytes()),
+            ),
+            (
+                "close code 1005",
+                client_frame(OP_CLOSE, true, &1005u16.to_be_bytes()),
+            ),
+            (
+                "close code 5000",
+                client_frame(OP_CLOSE, true, &5000u16.to_be_bytes()),
+            ),
+        ];
+        for (name, bytes) in cases {
+            assert_eq!(violation_code(&bytes), Some(1002), "{name}");
+        }
+        let mut nested = client_frame(OP_TEXT, false, b"a");
+        nested.extend(client_frame(OP_TEXT, true, b"b"));
+        assert_eq!(
+            violation_code(&nested),
+            Some(1002),
+            "new message inside a fragmented one"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_closes_with_1007() {
+        assert_eq!(
+            violation_code(&client_frame(OP_TEXT, true, b"\xff\xfe")),
+            Some(1007)
+        );
+        // A character split across fragments is fine; only the whole message counts.
+        let euro = "€".as_bytes();
+        let mut split = client_frame(OP_TEXT, false, &euro[..1]);
+        split.extend(client_frame(0x0, true, &euro[1..]));
         let mut r = FrameReader::default();
-        r.feed(&text_frame(b"x"));
-        assert!(matches!(r.next(1000), Some(Inbound::ProtocolError(_))));
+        r.feed(&split);
+        assert_eq!(r.next(1000), Some(Inbound::Text(euro.to_vec())));
+        let mut reason = 1000u16.to_be_bytes().to_vec();
+        reason.push(0xff);
+        assert_eq!(
+            violation_code(&client_frame(OP_CLOSE, true, &reason)),
+            Some(1007)
+        );
+    }
+
+    /// A 64-bit length field with `len`, on a masked continuation frame.
+    fn continuation_header(len: u64) -> Vec<u8> {
+        let mut out = vec![0x80, 0x80 | 127];
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&[1, 2, 3, 4]);
+        out
+    }
+
+    #[test]
+    fn huge_continuation_lengths_do_not_overflow() {
+        let mut bytes = client_frame(OP_TEXT, false, b"small");
+        bytes.extend(continuation_header(u64::MAX >> 1));
         let mut r = FrameReader::default();
-        r.feed(&client_frame(OP_PING, true, &[0; 126]));
-        assert!(matches!(r.next(1000), Some(Inbound::ProtocolError(_))));
+        r.feed(&bytes);
+        assert!(matches!(r.next(1000), Some(Inbound::TooLarge(_))));
+        assert_eq!(r.next(1000), None);
+        let mut bytes = client_frame(OP_TEXT, false, b"small");
+        bytes.extend(continuation_header(u64::MAX - 2));
+        assert_eq!(violation_code(&bytes), Some(1002));
+    }
+
+    #[test]
+    fn byte_by_byte_input_ends_in_the_same_events() {
+        let mut bytes = client_frame(OP_TEXT, false, b"hel");
+        bytes.extend(client_frame(OP_PING, true, b"p"));
+        bytes.extend(client_frame(0x0, true, b"lo"));
+        bytes.extend(client_frame(OP_CLOSE, true, &4000u16.to_be_bytes()));
+        let mut r = FrameReader::default();
+        let mut events = Vec::new();
+        for b in &bytes {
+            r.feed(std::slice::from_ref(b));
+            while let Some(e) = r.next(1000) {
+                events.push(e);
+            }
+        }
+        assert_eq!(
+            events,
+            vec![
+                Inbound::Ping(b"p".to_vec()),
+                Inbound::Text(b"hello".to_vec()),
+                Inbound::Close(Some(4000))
+            ]
+        );
+        assert!(!r.is_mid_message());
     }
 
     #[test]

@@ -19,6 +19,12 @@ pub struct Sub {
     pub user_id: Option<Box<str>>,
 }
 
+/// Where `name` is in a connection's subscriptions, which are kept sorted by name: `Ok(index)`,
+/// or `Err(insertion point)`.
+pub fn find_sub(subs: &[Sub], name: &str) -> Result<usize, usize> {
+    subs.binary_search_by(|s| (*s.name).cmp(name))
+}
+
 #[derive(Default)]
 struct OutQueue {
     frames: VecDeque<Rc<[u8]>>,
@@ -54,6 +60,12 @@ pub struct Conn {
     pub authorized: Cell<bool>,
     /// The user this connection signed in as (`pusher:signin`).
     pub user: RefCell<Option<Box<super::user::SignedIn>>>,
+    /// Bytes its frame reader holds for incomplete frames and messages (the shard's budget).
+    pub partial_bytes: Cell<u32>,
+    /// Shard-clock second since when it has held an incomplete message (`u32::MAX`: none).
+    pub partial_since: Cell<u32>,
+    /// Closed to free the partial-message budget: its reader drops what it holds and all input.
+    pub discard_input: Cell<bool>,
 }
 
 /// Seconds a closing connection gets to flush and see the peer's close before it is dropped.
@@ -78,6 +90,9 @@ impl Conn {
             connected_at: now,
             authorized: Cell::new(false),
             user: RefCell::new(None),
+            partial_bytes: Cell::new(0),
+            partial_since: Cell::new(u32::MAX),
+            discard_input: Cell::new(false),
         }
     }
 

@@ -3,6 +3,8 @@
 //! they talk only through `ShardMsg` over the channel mesh.
 
 pub mod conn;
+pub mod contain;
+pub mod deadline;
 mod home;
 pub mod messages;
 pub mod session;
@@ -38,6 +40,10 @@ pub struct Shared {
     pub connections: AtomicUsize,
     pub shutdown: AtomicBool,
     pub slow_consumer_closes: AtomicU64,
+    /// Panics caught while handling one connection (that connection was closed).
+    pub contained_panics: AtomicU64,
+    /// Sockets accepted whose first request head has not arrived yet.
+    pub pending_connections: AtomicUsize,
 }
 
 impl Shared {
@@ -51,6 +57,8 @@ impl Shared {
             connections: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             slow_consumer_closes: AtomicU64::new(0),
+            contained_panics: AtomicU64::new(0),
+            pending_connections: AtomicUsize::new(0),
         }
     }
 
@@ -112,8 +120,9 @@ pub struct Shard {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub conns: RefCell<AHashMap<u64, Rc<Conn>>>,
-    /// Keep-alive HTTP connections, expired by the sweeper when idle.
-    pub http_conns: RefCell<AHashMap<u64, Rc<crate::http::KeepAlive>>>,
+    /// Deadlines of sockets that are not WebSocket connections (first requests, keep-alive
+    /// HTTP), enforced by the sweeper.
+    pub deadlines: RefCell<AHashMap<u64, Rc<deadline::Deadline>>>,
     pub local: RefCell<LocalChannels>,
     /// Signed-in connections of this shard by the `#server-to-user-` key of each user they watch.
     pub watching: RefCell<LocalChannels>,
@@ -136,6 +145,8 @@ pub struct Shard {
     /// Receive buffer shared by every socket of the shard: reads land here and only the bytes of
     /// an incomplete frame are kept per connection.
     pub scratch: RefCell<Box<[u8]>>,
+    /// Bytes this shard's frame readers hold for incomplete messages (see `account_partial`).
+    partial_bytes: Cell<usize>,
     started: Instant,
     pub shutting_down: Cell<bool>,
     shutdown_wakers: RefCell<Vec<Option<Waker>>>,
@@ -152,7 +163,7 @@ impl Shard {
         Shard {
             id,
             conns: RefCell::new(AHashMap::new()),
-            http_conns: RefCell::new(AHashMap::new()),
+            deadlines: RefCell::new(AHashMap::new()),
             local: RefCell::new(LocalChannels::default()),
             watching: RefCell::new(LocalChannels::default()),
             home: RefCell::new(HomeChannels::new(n)),
@@ -168,6 +179,7 @@ impl Shard {
             next_query: Cell::new(0),
             next_conn: Cell::new(0),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            partial_bytes: Cell::new(0),
             started: Instant::now(),
             shutting_down: Cell::new(false),
             shutdown_wakers: RefCell::new(vec![None, None]),
@@ -204,6 +216,56 @@ impl Shard {
         self.outbox.borrow_mut()[shard].push_back(msg);
         if let Some(w) = self.outbox_wakers.borrow_mut()[shard].take() {
             w.wake();
+        }
+    }
+
+    /// Records what `conn`'s frame reader now holds for incomplete messages. Over this shard's
+    /// share of `max_partial_message_bytes`, connections are closed, longest holders first.
+    pub fn account_partial(&self, conn: &Conn, held: usize, mid_message: bool) {
+        let held = u32::try_from(held).unwrap_or(u32::MAX);
+        let old = conn.partial_bytes.replace(held) as usize;
+        let total = self.partial_bytes.get().saturating_sub(old) + held as usize;
+        self.partial_bytes.set(total);
+        if !mid_message {
+            conn.partial_since.set(u32::MAX);
+        } else if conn.partial_since.get() == u32::MAX {
+            conn.partial_since.set(self.now_secs());
+        }
+        if total > self.partial_budget() {
+            self.shed_partial_messages();
+        }
+    }
+
+    fn partial_budget(&self) -> usize {
+        self.shared.config.max_partial_message_bytes / self.shared.shards
+    }
+
+    /// Closes (1008) the connections that have held an incomplete message longest, until the
+    /// shard is under 90% of its budget: slow or hostile half-messages go before fresh ones.
+    fn shed_partial_messages(&self) {
+        let target = self.partial_budget() / 10 * 9;
+        let mut holders: Vec<Rc<Conn>> = self
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| c.partial_bytes.get() > 0 && !c.discard_input.get())
+            .cloned()
+            .collect();
+        holders.sort_by_key(|c| c.partial_since.get());
+        let now = self.now_secs();
+        for conn in holders {
+            if self.partial_bytes.get() <= target {
+                break;
+            }
+            let freed = conn.partial_bytes.replace(0) as usize;
+            self.partial_bytes
+                .set(self.partial_bytes.get().saturating_sub(freed));
+            conn.discard_input.set(true);
+            conn.close_bare(
+                Some(1008),
+                "Server memory for incomplete messages is exhausted",
+                now,
+            );
         }
     }
 
@@ -346,9 +408,9 @@ impl Shard {
             return;
         }
         let mut subs = conn.subs.borrow_mut();
-        let pending = subs
-            .iter()
-            .position(|s| *s.name == *key.name && !s.confirmed);
+        let pending = conn::find_sub(&subs, &key.name)
+            .ok()
+            .filter(|&i| !subs[i].confirmed);
         match (pending, result.is_ok()) {
             (Some(i), true) => {
                 subs[i].confirmed = true;
@@ -515,11 +577,8 @@ impl Shard {
                 self.cache.borrow_mut().purge(Instant::now());
             }
             let now = self.now_secs();
-            let idle_limit = self.shared.config.http_keep_alive_timeout;
-            for ka in self.http_conns.borrow().values() {
-                if now.saturating_sub(ka.last_active.get()) >= idle_limit {
-                    ka.expire();
-                }
+            for deadline in self.deadlines.borrow().values() {
+                deadline.expire_if_due(now);
             }
             let cfg = &self.shared.config;
             let ping = Rc::<[u8]>::from(crate::protocol::ws::encode_frame(

@@ -1,7 +1,7 @@
 //! One WebSocket connection's life: upgrade and admission (reference §1.5), then a single task
 //! that flushes queued frames, reads into the shard's scratch buffer and handles each message.
 
-use super::conn::{Conn, Sub};
+use super::conn::{find_sub, Conn, Sub};
 use super::messages::JoinRequest;
 use super::Shard;
 use crate::channels::ChannelKey;
@@ -68,7 +68,6 @@ async fn upgrade(
     let (path, query) = head.path_and_query();
     match admit(shard, path, query) {
         Ok(app) => {
-            let _ = stream.set_read_timeout(None);
             buf.shrink_to_fit();
             Some((app, buf))
         }
@@ -92,21 +91,39 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream, app: u32, buf: Vec<u8>) 
         events::connection_established(&shared.socket_id(id), shared.config.activity_timeout);
     conn.send_vec(hello, usize::MAX);
 
-    let max_message = shared.config.max_ws_message_bytes;
-    let mut reader = FrameReader::new(buf);
+    let reader = FrameReader::new(buf);
+    // A panic while handling this connection ends this connection only (see `contain`).
+    let served = super::contain::contain(read_and_handle(&shard, &conn, &mut stream, reader)).await;
+    if served.is_err() {
+        conn.abort();
+    }
+    disconnect(&shard, &conn);
+}
+
+/// Reads and handles frames until either side ends the connection.
+async fn read_and_handle(
+    shard: &Shard,
+    conn: &Conn,
+    stream: &mut TcpStream,
+    mut reader: FrameReader,
+) {
+    let max_message = shard.shared.config.max_ws_message_bytes;
     loop {
         while let Some(inbound) = reader.next(max_message) {
-            handle_inbound(&shard, &conn, inbound);
+            handle_inbound(shard, conn, inbound);
         }
+        if conn.discard_input.get() {
+            reader.fail();
+        }
+        shard.account_partial(conn, reader.held_bytes(), reader.is_mid_message());
         if shard.backlogged() {
             Box::pin(shard.backpressure()).await;
         }
-        match poll_fn(|cx| poll_io(&shard, &conn, &mut stream, &mut reader, cx)).await {
+        match poll_fn(|cx| poll_io(shard, conn, stream, &mut reader, cx)).await {
             Io::Read => {}
             Io::Done => break,
         }
     }
-    disconnect(&shard, &conn);
 }
 
 /// `pusher-channels-protocol-N` (4 <= N <= 7) when the client offered it; never anything else.
@@ -229,6 +246,7 @@ fn poll_io(
 fn disconnect(shard: &Shard, conn: &Rc<Conn>) {
     // The descriptor is closed with the stream and may be reused: nothing may write to it now.
     conn.fd.set(-1);
+    shard.account_partial(conn, 0, false);
     shard.conns.borrow_mut().remove(&conn.id);
     let subs = std::mem::take(&mut *conn.subs.borrow_mut());
     for sub in subs.into_iter().filter(|s| s.confirmed) {
@@ -282,12 +300,16 @@ fn handle_inbound(shard: &Shard, conn: &Conn, inbound: Inbound) {
             let message = format!("Message of {size} bytes discarded: the limit is {limit} bytes");
             conn.send_vec(events::error(None, &message), max);
         }
-        Inbound::ProtocolError(reason) => conn.close_bare(Some(1002), reason, now),
+        Inbound::Violation { code, reason } => conn.close_bare(Some(code), reason, now),
     }
 }
 
 fn handle_text(shard: &Shard, conn: &Conn, text: &[u8]) {
     let max = shard.max_queued();
+    if let Err(message) = json::check_depth(text, json::MAX_JSON_DEPTH) {
+        conn.send_vec(events::error(None, &message), max);
+        return;
+    }
     let Ok(message) = sonic_rs::from_slice::<ClientMessage>(text) else {
         let reply = events::error(
             None,
@@ -328,6 +350,15 @@ fn handle_text(shard: &Shard, conn: &Conn, text: &[u8]) {
                 message.data.as_ref(),
             );
         }
+        #[cfg(debug_assertions)]
+        "shardpush:test_panic" if super::contain::fault_injection() => {
+            panic!("fault injection: panic while handling a connection")
+        }
+        #[cfg(debug_assertions)]
+        "shardpush:test_panic_shard" if super::contain::fault_injection() => {
+            glommio::spawn_local(async { panic!("fault injection: panic in a shard task") })
+                .detach();
+        }
         // Unknown events are ignored, as the hosted service and other servers do.
         _ => {}
     }
@@ -362,12 +393,20 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
     if let Err(message) = validate_name(channel, app.max_channel_name_length as usize) {
         return fail(&message);
     }
-    let existing = conn
-        .subs
-        .borrow()
-        .iter()
-        .find(|s| &*s.name == channel)
-        .map(|s| s.confirmed);
+    let existing = {
+        let subs = conn.subs.borrow();
+        match find_sub(&subs, channel) {
+            Ok(i) => Some(subs[i].confirmed),
+            Err(_) if subs.len() >= app.max_subscriptions_per_connection as usize => {
+                let limit = app.max_subscriptions_per_connection;
+                drop(subs);
+                return fail(&format!(
+                    "Too many subscriptions: a connection may subscribe to at most {limit} channels"
+                ));
+            }
+            Err(_) => None,
+        }
+    };
     match existing {
         // Still waiting for the home shard: the reply will confirm it.
         Some(false) => return,
@@ -437,11 +476,16 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
     if subs.capacity() == 0 {
         subs.reserve_exact(1);
     }
-    subs.push(Sub {
-        name: channel.into(),
-        confirmed: false,
-        user_id: member.as_ref().map(|(id, _)| id.as_str().into()),
-    });
+    // Kept sorted by name: lookups are binary searches (the insert only shifts pointers).
+    let at = find_sub(&subs, channel).unwrap_or_else(|i| i);
+    subs.insert(
+        at,
+        Sub {
+            name: channel.into(),
+            confirmed: false,
+            user_id: member.as_ref().map(|(id, _)| id.as_str().into()),
+        },
+    );
     drop(subs);
     shard.join(JoinRequest {
         key: ChannelKey::new(conn.app, channel),
@@ -456,9 +500,7 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
 fn unsubscribe(shard: &Shard, conn: &Conn, channel: &str) {
     let removed = {
         let mut subs = conn.subs.borrow_mut();
-        subs.iter()
-            .position(|s| &*s.name == channel)
-            .map(|i| subs.remove(i))
+        find_sub(&subs, channel).ok().map(|i| subs.remove(i))
     };
     // Unknown channel: ignored. Pending: the home's reply undoes the join.
     if let Some(sub) = removed.filter(|s| s.confirmed) {
@@ -498,9 +540,9 @@ fn client_event(
     }
     let user_id = {
         let subs = conn.subs.borrow();
-        match subs.iter().find(|s| s.confirmed && &*s.name == channel) {
-            Some(sub) => sub.user_id.clone(),
-            None => {
+        match find_sub(&subs, channel).ok().map(|i| &subs[i]) {
+            Some(sub) if sub.confirmed => sub.user_id.clone(),
+            _ => {
                 return fail(
                     Some(4009),
                     "The client is not a member of the specified channel",

@@ -1,0 +1,88 @@
+//! Panic containment. A panic while serving one connection must end that connection only, and a
+//! panic anywhere else on a shard must end the process at once: a shard that died silently would
+//! leave its listener queueing connections nobody serves and its peers' messages piling up.
+//!
+//! `contain` wraps a connection's future and catches its panics; the panic hook installed by
+//! `install_panic_hook` exits the process (status 70) when a panic on a shard thread is not
+//! inside such a wrapper.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+/// Exit status when a shard's executor dies (EX_SOFTWARE).
+pub const SHARD_DIED_EXIT_CODE: i32 = 70;
+
+/// Shard threads are named with this prefix, so the panic hook knows whose panic it sees.
+pub const SHARD_THREAD_PREFIX: &str = "shard-";
+
+thread_local! {
+    /// How many `Contained` futures are being polled on this thread right now.
+    static CONTAINED_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Runs `future`, turning a panic inside it into `Err(())` (logged and counted). Whatever the
+/// future held is dropped by the unwinding, which releases its `RefCell` borrows.
+pub fn contain<F: Future>(future: F) -> Contained<F> {
+    Contained { future }
+}
+
+pub struct Contained<F> {
+    future: F,
+}
+
+impl<F: Future> Future for Contained<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `future` is structurally pinned: it is never moved out of `self`.
+        let future = unsafe { self.map_unchecked_mut(|c| &mut c.future) };
+        CONTAINED_DEPTH.with(|d| d.set(d.get() + 1));
+        let result = panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        CONTAINED_DEPTH.with(|d| d.set(d.get() - 1));
+        match result {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => {
+                if let Some(shared) = SHARED.get() {
+                    shared.contained_panics.fetch_add(1, Ordering::Relaxed);
+                }
+                eprintln!("shardpush: a connection's handler panicked; that connection was closed");
+                Poll::Ready(Err(()))
+            }
+        }
+    }
+}
+
+static SHARED: std::sync::OnceLock<std::sync::Arc<super::Shared>> = std::sync::OnceLock::new();
+
+/// Installs the process's panic hook: the default report, then, for a panic on a shard thread
+/// outside any `contain`, an immediate exit with status 70 so that a supervisor restarts us.
+pub fn install_panic_hook(shared: std::sync::Arc<super::Shared>) {
+    let _ = SHARED.set(shared);
+    let default_hook = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let on_shard = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with(SHARD_THREAD_PREFIX));
+        let contained = CONTAINED_DEPTH.with(|d| d.get()) > 0;
+        if on_shard && !contained {
+            eprintln!(
+                "shardpush: a shard's executor panicked; exiting with status {SHARD_DIED_EXIT_CODE}"
+            );
+            std::process::exit(SHARD_DIED_EXIT_CODE);
+        }
+    }));
+}
+
+/// Whether the test-only fault injection events are honoured: debug builds started with
+/// `SHARDPUSH_FAULT_INJECTION=1`. Release builds never compile them in.
+#[cfg(debug_assertions)]
+pub fn fault_injection() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SHARDPUSH_FAULT_INJECTION").as_deref() == Ok("1"))
+}
