@@ -10,7 +10,7 @@ use shardpush::channels::ChannelKey;
 use shardpush::config::{AppConfig, Config};
 use shardpush::http::signature::{parse_query, verify};
 use shardpush::protocol::events::{self, ClientMessage, Data};
-use shardpush::protocol::json::str_literal;
+use shardpush::protocol::json::{check_depth, str_literal, MAX_JSON_DEPTH};
 use shardpush::protocol::ws::{FrameReader, Inbound};
 use shardpush::shard::conn::Conn;
 use shardpush::shard::{Shard, Shared};
@@ -56,6 +56,7 @@ fn parsing(c: &mut Criterion) {
                 reader.feed(black_box(&frame));
                 match reader.next(65536) {
                     Some(Inbound::Text(bytes)) => {
+                        check_depth(&bytes, MAX_JSON_DEPTH).unwrap();
                         let m: ClientMessage = sonic_rs::from_slice(&bytes).unwrap();
                         black_box(m.event.len())
                     }
@@ -72,6 +73,7 @@ fn parsing(c: &mut Criterion) {
             reader.feed(black_box(&subscribe));
             match reader.next(65536) {
                 Some(Inbound::Text(bytes)) => {
+                    check_depth(&bytes, MAX_JSON_DEPTH).unwrap();
                     let m: ClientMessage = sonic_rs::from_slice(&bytes).unwrap();
                     let d: events::SubscribeData = events::decode_object(m.data.as_ref()).unwrap();
                     black_box(d.channel.len())

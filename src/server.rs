@@ -208,7 +208,7 @@ async fn run_shard(
         let (shard, receivers) = (shard.clone(), receivers.clone());
         glommio::spawn_local(async move {
             while let Ok(Some(msg)) = receivers.recv_from(peer).await {
-                shard.handle(msg);
+                let _ = contain::contain_call("a message from another shard", || shard.handle(msg));
             }
         })
         .detach();

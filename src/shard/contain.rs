@@ -19,12 +19,16 @@ pub const SHARD_DIED_EXIT_CODE: i32 = 70;
 /// Shard threads are named with this prefix, so the panic hook knows whose panic it sees.
 pub const SHARD_THREAD_PREFIX: &str = "shard-";
 
+/// What a contained future or call returns when it panicked (the panic was logged and counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Panicked;
+
 thread_local! {
     /// How many `Contained` futures are being polled on this thread right now.
     static CONTAINED_DEPTH: Cell<u32> = const { Cell::new(0) };
 }
 
-/// Runs `future`, turning a panic inside it into `Err(())` (logged and counted). Whatever the
+/// Runs `future`, turning a panic inside it into `Err(Panicked)` (logged and counted). Whatever the
 /// future held is dropped by the unwinding, which releases its `RefCell` borrows.
 pub fn contain<F: Future>(future: F) -> Contained<F> {
     Contained { future }
@@ -35,7 +39,7 @@ pub struct Contained<F> {
 }
 
 impl<F: Future> Future for Contained<F> {
-    type Output = Result<F::Output, ()>;
+    type Output = Result<F::Output, Panicked>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // SAFETY: `future` is structurally pinned: it is never moved out of `self`.
@@ -46,15 +50,26 @@ impl<F: Future> Future for Contained<F> {
         match result {
             Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
             Ok(Poll::Pending) => Poll::Pending,
-            Err(_) => {
-                if let Some(shared) = SHARED.get() {
-                    shared.contained_panics.fetch_add(1, Ordering::Relaxed);
-                }
-                eprintln!("shardpush: a connection's handler panicked; that connection was closed");
-                Poll::Ready(Err(()))
-            }
+            Err(_) => Poll::Ready(Err(count_panic("a connection"))),
         }
     }
+}
+
+/// Runs `f`, turning a panic inside it into `Err(Panicked)` (logged and counted): for one message from
+/// another shard, whose handling is on behalf of a connection there.
+pub fn contain_call<R>(what: &str, f: impl FnOnce() -> R) -> Result<R, Panicked> {
+    CONTAINED_DEPTH.with(|d| d.set(d.get() + 1));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    CONTAINED_DEPTH.with(|d| d.set(d.get() - 1));
+    result.map_err(|_| count_panic(what))
+}
+
+fn count_panic(what: &str) -> Panicked {
+    if let Some(shared) = SHARED.get() {
+        shared.contained_panics.fetch_add(1, Ordering::Relaxed);
+    }
+    eprintln!("shardpush: panic while handling {what}; only it was dropped");
+    Panicked
 }
 
 static SHARED: std::sync::OnceLock<std::sync::Arc<super::Shared>> = std::sync::OnceLock::new();
