@@ -44,7 +44,15 @@ pub struct Shared {
     pub contained_panics: AtomicU64,
     /// Sockets accepted whose first request head has not arrived yet.
     pub pending_connections: AtomicUsize,
+    /// Bytes each shard's frame readers hold for incomplete messages (one slot per shard, written
+    /// only by its owner; summed only when a shard is over its fair share of the budget).
+    partial_bytes: Vec<ShardCounter>,
 }
+
+/// A counter on a cache line of its own, so that shards writing their own never contend.
+#[repr(align(64))]
+#[derive(Default)]
+struct ShardCounter(AtomicUsize);
 
 impl Shared {
     pub fn new(config: Config, shards: usize) -> Shared {
@@ -59,6 +67,7 @@ impl Shared {
             slow_consumer_closes: AtomicU64::new(0),
             contained_panics: AtomicU64::new(0),
             pending_connections: AtomicUsize::new(0),
+            partial_bytes: (0..shards).map(|_| ShardCounter::default()).collect(),
         }
     }
 
@@ -219,31 +228,39 @@ impl Shard {
         }
     }
 
-    /// Records what `conn`'s frame reader now holds for incomplete messages. Over this shard's
-    /// share of `max_partial_message_bytes`, connections are closed, longest holders first.
+    /// Records what `conn`'s frame reader now holds for incomplete messages. When the process
+    /// is over `max_partial_message_bytes`, shards over their fair share close connections,
+    /// longest holders first.
     pub fn account_partial(&self, conn: &Conn, held: usize, mid_message: bool) {
         let held = u32::try_from(held).unwrap_or(u32::MAX);
-        let old = conn.partial_bytes.replace(held) as usize;
-        let total = self.partial_bytes.get().saturating_sub(old) + held as usize;
-        self.partial_bytes.set(total);
+        let old = conn.partial_bytes.replace(held);
         if !mid_message {
             conn.partial_since.set(u32::MAX);
         } else if conn.partial_since.get() == u32::MAX {
             conn.partial_since.set(self.now_secs());
         }
-        if total > self.partial_budget() {
-            self.shed_partial_messages();
+        if old == held {
+            return;
+        }
+        let total = self.partial_bytes.get().saturating_sub(old as usize) + held as usize;
+        self.partial_bytes.set(total);
+        self.shared.partial_bytes[self.id]
+            .0
+            .store(total, Ordering::Relaxed);
+        let budget = self.shared.config.max_partial_message_bytes;
+        if total > budget / self.shared.shards && self.process_partial_bytes() > budget {
+            self.shed_partial_messages(budget / 10 * 9);
         }
     }
 
-    fn partial_budget(&self) -> usize {
-        self.shared.config.max_partial_message_bytes / self.shared.shards
+    fn process_partial_bytes(&self) -> usize {
+        let slots = &self.shared.partial_bytes;
+        slots.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
     }
 
-    /// Closes (1008) the connections that have held an incomplete message longest, until the
-    /// shard is under 90% of its budget: slow or hostile half-messages go before fresh ones.
-    fn shed_partial_messages(&self) {
-        let target = self.partial_budget() / 10 * 9;
+    /// Closes (1008) this shard's connections that have held an incomplete message longest,
+    /// until the process is under `target`: slow or hostile half-messages go before fresh ones.
+    fn shed_partial_messages(&self, target: usize) {
         let mut holders: Vec<Rc<Conn>> = self
             .conns
             .borrow()
@@ -251,15 +268,18 @@ impl Shard {
             .filter(|c| c.partial_bytes.get() > 0 && !c.discard_input.get())
             .cloned()
             .collect();
-        holders.sort_by_key(|c| c.partial_since.get());
+        holders.sort_by_key(|c| (c.partial_since.get(), c.id));
         let now = self.now_secs();
         for conn in holders {
-            if self.partial_bytes.get() <= target {
+            if self.process_partial_bytes() <= target {
                 break;
             }
             let freed = conn.partial_bytes.replace(0) as usize;
-            self.partial_bytes
-                .set(self.partial_bytes.get().saturating_sub(freed));
+            let total = self.partial_bytes.get().saturating_sub(freed);
+            self.partial_bytes.set(total);
+            self.shared.partial_bytes[self.id]
+                .0
+                .store(total, Ordering::Relaxed);
             conn.discard_input.set(true);
             conn.close_bare(
                 Some(1008),

@@ -356,8 +356,13 @@ fn handle_text(shard: &Shard, conn: &Conn, text: &[u8]) {
         }
         #[cfg(debug_assertions)]
         "shardpush:test_panic_shard" if super::contain::fault_injection() => {
-            glommio::spawn_local(async { panic!("fault injection: panic in a shard task") })
-                .detach();
+            // The sleep makes the panic happen in the task's own later poll, outside this
+            // connection's (glommio may run a new task at once, inside the caller's poll).
+            glommio::spawn_local(async {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                panic!("fault injection: panic in a shard task")
+            })
+            .detach();
         }
         // Unknown events are ignored, as the hosted service and other servers do.
         _ => {}

@@ -39,6 +39,12 @@ impl Server {
     }
 
     pub fn with_config(toml: &str) -> Server {
+        Server::with_config_env(toml, &[])
+    }
+
+    /// Like `with_config`, with extra environment variables for the server process (e.g.
+    /// `SHARDPUSH_FAULT_INJECTION=1`).
+    pub fn with_config_env(toml: &str, env: &[(&str, &str)]) -> Server {
         let dir = std::env::temp_dir().join(format!(
             "shardpush-test-{}-{}",
             std::process::id(),
@@ -50,6 +56,7 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardpush"))
             .arg("--config")
             .arg(&path)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
