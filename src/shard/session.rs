@@ -2,6 +2,7 @@
 //! that flushes queued frames, reads into the shard's scratch buffer and handles each message.
 
 use super::conn::{find_sub, Conn, Sub};
+use super::contain::Contained;
 use super::messages::JoinRequest;
 use super::Shard;
 use crate::channels::ChannelKey;
@@ -15,7 +16,7 @@ use crate::protocol::ws::{self, FrameReader, Inbound};
 use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use sonic_rs::{JsonValueTrait, LazyValue};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -79,49 +80,94 @@ async fn upgrade(
 }
 
 /// The connection's life after admission: flush, read, handle, until either side ends it.
-async fn serve(shard: Rc<Shard>, mut stream: TcpStream, app: u32, buf: Vec<u8>) {
-    let shared = shard.shared.clone();
+fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    app: u32,
+    buf: Vec<u8>,
+) -> Connection<impl Future<Output = ()>> {
+    let conn = open(&shard, &stream, app);
+    let reader = FrameReader::new(buf);
+    let handler = read_and_handle(shard.clone(), conn.clone(), stream, reader);
+    Connection {
+        handler: super::contain::contain(handler),
+        shard,
+        conn,
+    }
+}
+
+/// A live connection's task: its handler, contained (a panic in it ends this connection only),
+/// then `disconnect` however the handler ended. A plain struct rather than an `async` block, so
+/// the task, which lives as long as the connection, stores each part once.
+struct Connection<F> {
+    handler: Contained<F>,
+    shard: Rc<Shard>,
+    conn: Rc<Conn>,
+}
+
+impl<F: Future<Output = ()>> Future for Connection<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `handler` is structurally pinned: it is never moved out of `self`; the other
+        // fields are never pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let handler = unsafe { Pin::new_unchecked(&mut this.handler) };
+        let result = match handler.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(result) => result,
+        };
+        if result.is_err() {
+            this.conn.abort();
+        }
+        disconnect(&this.shard, &this.conn);
+        Poll::Ready(())
+    }
+}
+
+/// Registers an admitted connection with its shard and queues `connection_established`.
+fn open(shard: &Shard, stream: &TcpStream, app: u32) -> Rc<Conn> {
+    let shared = &shard.shared;
     let id = shard.new_conn_id();
-    let app_config = shared.app(app);
-    let burst = app_config.max_client_events_per_second as f32;
+    let burst = shared.app(app).max_client_events_per_second as f32;
     let conn = Rc::new(Conn::new(id, app, shard.now_secs(), burst));
     conn.fd.set(stream.as_raw_fd());
     shard.conns.borrow_mut().insert(id, conn.clone());
     let hello =
         events::connection_established(&shared.socket_id(id), shared.config.activity_timeout);
     conn.send_vec(hello, usize::MAX);
-
-    let reader = FrameReader::new(buf);
-    // A panic while handling this connection ends this connection only (see `contain`).
-    let served = super::contain::contain(read_and_handle(&shard, &conn, &mut stream, reader)).await;
-    if served.is_err() {
-        conn.abort();
-    }
-    disconnect(&shard, &conn);
+    conn
 }
 
-/// Reads and handles frames until either side ends the connection.
-async fn read_and_handle(
-    shard: &Shard,
-    conn: &Conn,
-    stream: &mut TcpStream,
+/// Reads and handles frames until either side ends the connection. The socket is closed when
+/// this returns (or unwinds); `disconnect` then forgets its descriptor.
+// Clippy's suggestion (an `async fn`) is exactly what this avoids.
+#[allow(clippy::manual_async_fn)]
+fn read_and_handle(
+    shard: Rc<Shard>,
+    conn: Rc<Conn>,
+    mut stream: TcpStream,
     mut reader: FrameReader,
-) {
-    let max_message = shard.shared.config.max_ws_message_bytes;
-    loop {
-        while let Some(inbound) = reader.next(max_message) {
-            handle_inbound(shard, conn, inbound);
-        }
-        if conn.discard_input.get() {
-            reader.fail();
-        }
-        shard.account_partial(conn, reader.held_bytes(), reader.is_mid_message());
-        if shard.backlogged() {
-            Box::pin(shard.backpressure()).await;
-        }
-        match poll_fn(|cx| poll_io(shard, conn, stream, &mut reader, cx)).await {
-            Io::Read => {}
-            Io::Done => break,
+) -> impl Future<Output = ()> {
+    // An `async move` block, not an `async fn`: an async fn copies its arguments into locals and
+    // would hold the stream and the reader twice for the connection's whole life.
+    async move {
+        let max_message = shard.shared.config.max_ws_message_bytes;
+        loop {
+            while let Some(inbound) = reader.next(max_message) {
+                handle_inbound(&shard, &conn, inbound);
+            }
+            if conn.discard_input.get() {
+                reader.fail();
+            }
+            shard.account_partial(&conn, reader.held_bytes(), reader.is_mid_message());
+            if shard.backlogged() {
+                Box::pin(shard.backpressure()).await;
+            }
+            match poll_fn(|cx| poll_io(&shard, &conn, &mut stream, &mut reader, cx)).await {
+                Io::Read => {}
+                Io::Done => break,
+            }
         }
     }
 }
