@@ -8,11 +8,13 @@
 //! - `shard`: the runtime of one core: connections, message routing, fanout, liveness.
 //! - `http`: HTTP/1.1 handling and the signed HTTP API.
 //! - `server`: startup, executors, listeners, signals.
+//! - `log`: operator messages that can never stall or stop a thread.
 
 pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod http;
+pub mod log;
 pub mod protocol;
 pub mod server;
 pub mod shard;

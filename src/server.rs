@@ -123,24 +123,24 @@ pub fn run(config: Config) -> io::Result<()> {
             Err(_) => return Err(io::Error::other("a shard stopped during startup")),
         }
     }
-    println!(
+    crate::log_info!(
         "shardpush {} listening on {addr} (WebSocket /app/{{key}} and HTTP API)",
         env!("CARGO_PKG_VERSION")
     );
     if let Some(a) = api_addr {
-        println!("shardpush HTTP API also on {a}");
+        crate::log_info!("shardpush HTTP API also on {a}");
     }
-    println!("shardpush shards: {shards} (one glommio executor per core, SO_REUSEPORT)");
-    println!("shardpush apps: {}", app_list.join(", "));
+    crate::log_info!("shardpush shards: {shards} (one glommio executor per core, SO_REUSEPORT)");
+    crate::log_info!("shardpush apps: {}", app_list.join(", "));
     if dev_only {
-        println!("shardpush: no app configured, serving the development app app-id / app-key / app-secret (do not use in production)");
+        crate::log_info!("shardpush: no app configured, serving the development app app-id / app-key / app-secret (do not use in production)");
     }
     for handle in handles {
         let _ = handle.join();
     }
     let slow = shared.slow_consumer_closes.load(Ordering::Relaxed);
     let panics = shared.contained_panics.load(Ordering::Relaxed);
-    println!(
+    crate::log_info!(
         "shardpush stopped ({slow} slow-consumer disconnects, {panics} connection handler panics)"
     );
     Ok(())
@@ -175,9 +175,10 @@ fn wait_for_signals(set: libc::sigset_t, shared: &Shared) {
         received += 1;
         if received == 1 {
             shared.shutdown.store(true, Ordering::Relaxed);
-            eprintln!("shardpush: signal received, closing connections (4200) and stopping");
+            crate::log_warn!("signal received, closing connections (4200) and stopping");
         } else {
-            eprintln!("shardpush: second signal, exiting now");
+            crate::log_warn!("second signal, exiting now");
+            crate::log::flush_briefly(Duration::from_millis(200));
             std::process::exit(128 + signal);
         }
     }
@@ -261,7 +262,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, slot: usize, api_o
             }
             Some(Err(e)) => {
                 // Out of file descriptors, usually: back off instead of spinning.
-                eprintln!("shardpush: shard {}: accept failed: {e}", shard.id);
+                crate::log_warn!("shard {}: accept failed: {e}", shard.id);
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }

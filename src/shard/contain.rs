@@ -68,7 +68,7 @@ fn count_panic(what: &str) -> Panicked {
     if let Some(shared) = SHARED.get() {
         shared.contained_panics.fetch_add(1, Ordering::Relaxed);
     }
-    eprintln!("shardpush: panic while handling {what}; only it was dropped");
+    crate::log_warn!("panic while handling {what}; only it was dropped");
     Panicked
 }
 
@@ -78,17 +78,28 @@ static SHARED: std::sync::OnceLock<std::sync::Arc<super::Shared>> = std::sync::O
 /// outside any `contain`, an immediate exit with status 70 so that a supervisor restarts us.
 pub fn install_panic_hook(shared: std::sync::Arc<super::Shared>) {
     let _ = SHARED.set(shared);
-    let default_hook = panic::take_hook();
     panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        let on_shard = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with(SHARD_THREAD_PREFIX));
+        // Not the default hook: it writes stderr directly and would stall this thread on a
+        // full pipe. The location and the message are what an operator needs to report it.
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let location = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        crate::log_warn!("thread '{name}' panicked{location}: {message}");
+        let on_shard = name.starts_with(SHARD_THREAD_PREFIX);
         let contained = CONTAINED_DEPTH.with(|d| d.get()) > 0;
         if on_shard && !contained {
-            eprintln!(
-                "shardpush: a shard's executor panicked; exiting with status {SHARD_DIED_EXIT_CODE}"
+            crate::log_warn!(
+                "a shard's executor panicked; exiting with status {SHARD_DIED_EXIT_CODE}"
             );
+            crate::log::flush_briefly(std::time::Duration::from_millis(200));
             std::process::exit(SHARD_DIED_EXIT_CODE);
         }
     }));

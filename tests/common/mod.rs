@@ -45,6 +45,15 @@ impl Server {
     /// Like `with_config`, with extra environment variables for the server process (e.g.
     /// `SHARDPUSH_FAULT_INJECTION=1`).
     pub fn with_config_env(toml: &str, env: &[(&str, &str)]) -> Server {
+        Server::spawn(toml, env, Stdio::inherit()).0
+    }
+
+    /// Starts the server with `stderr` as given; returns the child's stderr pipe, if piped.
+    pub fn spawn(
+        toml: &str,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> (Server, Option<std::process::ChildStderr>) {
         let dir = std::env::temp_dir().join(format!(
             "shardpush-test-{}-{}",
             std::process::id(),
@@ -58,9 +67,10 @@ impl Server {
             .arg(&path)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start shardpush");
+        let stderr = child.stderr.take();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let port = loop {
@@ -75,11 +85,12 @@ impl Server {
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server {
+        let server = Server {
             child,
             port,
             _dir: TempDir(dir),
-        }
+        };
+        (server, stderr)
     }
 
     pub fn pid(&self) -> u32 {
