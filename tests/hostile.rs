@@ -1204,3 +1204,56 @@ fn sigterm_after_a_workload_always_stops_the_server() {
         assert!(status.success(), "attempt {attempt}: {status:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Found by fuzzing: input that parses lazily but is not what it claims to be.
+// ---------------------------------------------------------------------------------------------
+
+/// A string with a bad escape inside a client event's `data` would reach every other member
+/// verbatim and break their JSON parsers: the sender gets `pusher:error`, nobody else anything.
+#[test]
+fn client_event_string_with_a_bad_escape_reaches_nobody() {
+    let server = start("", "");
+    let mut a = server.connect();
+    let mut b = server.connect();
+    a.subscribe_private("private-chat");
+    b.subscribe_private("private-chat");
+    for bad in [r#""bad \x escape""#, r#""lone \ud800 surrogate""#] {
+        a.send_text(&format!(
+            r#"{{"event":"client-x","channel":"private-chat","data":{bad}}}"#
+        ));
+        let reply = a.recv();
+        assert_eq!(reply["event"], "pusher:error", "{bad}: {reply}");
+    }
+    assert!(
+        b.try_recv(Duration::from_millis(300)).is_none(),
+        "no other member received the malformed event"
+    );
+    a.send_json(json!({"event":"client-ok","channel":"private-chat","data":"fine"}));
+    assert_eq!(b.recv_event("client-ok")["data"], "fine");
+    assert_still_usable(&server, &mut a);
+}
+
+#[test]
+fn http_event_data_with_a_bad_escape_or_a_non_utf8_body_is_400() {
+    let server = start("", "");
+    let mut c = server.connect();
+    c.subscribe("news");
+    let path = format!("/apps/{APP_ID}/events");
+    let bad_escape = r#"{"name":"e","channel":"news","data":"bad \x escape"}"#;
+    let (status, body) = server.api("POST", &path, &[], bad_escape);
+    assert_eq!(status, 400, "{body}");
+    let mut not_utf8 = br#"{"name":"e","channel":"news","data":""#.to_vec();
+    not_utf8.extend_from_slice(&[0xff, 0xfe]);
+    not_utf8.extend_from_slice(br#""}"#);
+    let query = signed_query_bytes("POST", &path, &[], &not_utf8, KEY, SECRET);
+    let (status, body) = raw_http_bytes(server.port, "POST", &format!("{path}?{query}"), &not_utf8);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        c.try_recv(Duration::from_millis(300)).is_none(),
+        "nothing was published"
+    );
+    let (status, body) = server.trigger("news", "e", "good");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(c.recv_event("e")["data"], "good");
+}

@@ -206,14 +206,8 @@ fn validate(
     let data = input.data.ok_or_else(|| fail(400, "Missing event data"))?;
     let (literal, size) = if data.is_str() {
         let raw = data.as_raw_str();
-        // The decoded size is at most the raw size; decode only when it could matter.
-        let size = if raw.len() - 2 > app.max_event_payload_bytes as usize {
-            sonic_rs::from_str::<String>(raw)
-                .map(|s| s.len())
-                .unwrap_or(raw.len())
-        } else {
-            raw.len() - 2
-        };
+        let size = json::decoded_len(raw)
+            .ok_or_else(|| fail(400, "Event data is not a valid JSON string (bad escape)"))?;
         (raw.to_owned(), size)
     } else {
         let compact =
@@ -347,9 +341,18 @@ fn stats_json(stats: &ChannelStats, users: bool, subs: bool, occupied: Option<bo
     format!("{{{}}}", fields.join(","))
 }
 
+/// What a JSON body must pass before it is parsed: UTF-8 (the parser assumes it) and a bounded
+/// depth (the parser recurses).
+fn check_body(body: &[u8]) -> Result<(), Reply> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(fail(400, "The request body must be UTF-8 JSON"));
+    }
+    check_depth(body, MAX_JSON_DEPTH).map_err(|message| fail(400, message))
+}
+
 async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
-    if let Err(message) = check_depth(body, MAX_JSON_DEPTH) {
-        return fail(400, message);
+    if let Err(reply) = check_body(body) {
+        return reply;
     }
     let input: EventIn<'_> = match sonic_rs::from_slice(body) {
         Ok(v) => v,
@@ -376,8 +379,8 @@ async fn batch(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Repl
         #[serde(borrow)]
         batch: Vec<EventIn<'a>>,
     }
-    if let Err(message) = check_depth(body, MAX_JSON_DEPTH) {
-        return fail(400, message);
+    if let Err(reply) = check_body(body) {
+        return reply;
     }
     let input: BatchIn<'_> = match sonic_rs::from_slice(body) {
         Ok(v) => v,

@@ -86,6 +86,17 @@ pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The decoded length of a JSON string literal (quotes included in `raw`), or `None` when it is
+/// not a valid one (a bad escape, a lone surrogate). A lazily parsed value is not validated
+/// inside its strings, and a string forwarded as received must not break its receivers' parsers.
+pub fn decoded_len(raw: &str) -> Option<usize> {
+    match sonic_rs::from_str::<&str>(raw) {
+        Ok(s) => Some(s.len()),
+        // Borrowing fails when there are escapes: decode to know.
+        Err(_) => sonic_rs::from_str::<String>(raw).ok().map(|s| s.len()),
+    }
+}
+
 /// Counts `[` and `{` (`[` | 0x20 is `{`, and no other byte maps there). Byte-wide counters over
 /// chunks of at most 255 bytes let the compiler compare 16 bytes per instruction.
 fn count_opening_brackets(bytes: &[u8]) -> usize {
@@ -136,6 +147,16 @@ mod tests {
         // Closing brackets never take the count below zero, so they cannot buy extra depth.
         assert!(check_depth(b"]]]]]][[", 2).is_ok());
         assert!(check_depth(b"]]]]]][[[", 2).is_err());
+    }
+
+    #[test]
+    fn string_literals_are_validated_with_their_escapes() {
+        assert_eq!(decoded_len(r#""plain""#), Some(5));
+        assert_eq!(decoded_len(r#""a\"b\n""#), Some(4));
+        assert_eq!(decoded_len(r#""\u00e9""#), Some(2));
+        assert_eq!(decoded_len(r#""bad \x escape""#), None);
+        assert_eq!(decoded_len(r#""lone \ud800 surrogate""#), None);
+        assert_eq!(decoded_len("not a string"), None);
     }
 
     #[test]

@@ -612,7 +612,16 @@ fn client_event(
     }
     // Strings are forwarded as received; anything else becomes a compact JSON string.
     let literal = match data {
-        Some(v) if v.is_str() => v.as_raw_str().to_owned(),
+        Some(v) if v.is_str() => {
+            let raw = v.as_raw_str();
+            if json::decoded_len(raw).is_none() {
+                return fail(
+                    None,
+                    "Client event data is not a valid JSON string (bad escape)",
+                );
+            }
+            raw.to_owned()
+        }
         Some(v) => json::str_literal(&json::compact(v.as_raw_str()).unwrap_or_default()),
         None => json::str_literal("null"),
     };

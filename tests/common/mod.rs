@@ -206,6 +206,18 @@ pub fn signed_query(
     key: &str,
     secret: &str,
 ) -> String {
+    signed_query_bytes(method, path, params, body.as_bytes(), key, secret)
+}
+
+/// `signed_query` for a body that need not be UTF-8.
+pub fn signed_query_bytes(
+    method: &str,
+    path: &str,
+    params: &[(&str, &str)],
+    body: &[u8],
+    key: &str,
+    secret: &str,
+) -> String {
     let ts = now().to_string();
     let mut pairs: Vec<(String, String)> = vec![
         ("auth_key".into(), key.into()),
@@ -213,7 +225,7 @@ pub fn signed_query(
         ("auth_version".into(), "1.0".into()),
     ];
     if !body.is_empty() {
-        pairs.push(("body_md5".into(), md5_hex(body.as_bytes())));
+        pairs.push(("body_md5".into(), md5_hex(body)));
     }
     pairs.extend(params.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     pairs.sort();
@@ -228,13 +240,20 @@ pub fn signed_query(
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
 pub fn raw_http(port: u16, method: &str, target: &str, body: &str) -> (u16, String) {
+    raw_http_bytes(port, method, target, body.as_bytes())
+}
+
+/// `raw_http` with a body that need not be UTF-8.
+pub fn raw_http_bytes(port: u16, method: &str, target: &str, body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     parse_response(&resp)
