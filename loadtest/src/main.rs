@@ -4,6 +4,7 @@
 mod measure;
 mod net;
 mod pusher;
+mod soak;
 mod subscribers;
 mod workloads;
 
@@ -33,6 +34,9 @@ enum Workload {
     ClientEvents(workloads::ClientEventsArgs),
     /// Members joining and leaving presence channels: member event latency.
     Presence(workloads::PresenceArgs),
+    /// Everything at once for a bounded time (churn, publishes, presence, client events, hostile
+    /// clients): loss, errors, hostile outcomes, and the server's RSS and CPU over time.
+    Soak(soak::SoakArgs),
     /// (internal) a subscriber process of another run.
     #[command(hide = true)]
     Subscribers(ChildArgs),
@@ -169,6 +173,10 @@ fn main() {
         Workload::Presence(a) => {
             check(&a.target);
             workloads::presence(&a)
+        }
+        Workload::Soak(a) => {
+            check(&a.target);
+            soak::soak(&a)
         }
         Workload::Subscribers(a) => {
             check(&a.target);

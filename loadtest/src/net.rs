@@ -105,6 +105,8 @@ pub struct Ws {
     pub step: u8,
     /// When the caller started the current step (ns).
     pub since: u64,
+    /// The status code of the server's close frame (0 when it had none), once one arrived.
+    pub close_code: Option<u16>,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     mask: u32,
@@ -120,29 +122,17 @@ pub enum WsEvent<'a> {
 impl Ws {
     /// Queues a masked text frame and writes what the socket takes.
     pub fn send_text(&mut self, payload: &[u8]) {
-        self.out.push(0x81);
-        match payload.len() {
-            n if n < 126 => self.out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                self.out.push(0x80 | 126);
-                self.out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                self.out.push(0x80 | 127);
-                self.out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
         self.mask = self
             .mask
             .wrapping_mul(1_664_525)
             .wrapping_add(1_013_904_223);
-        let mask = self.mask.to_be_bytes();
-        self.out.extend_from_slice(&mask);
-        let body = self.out.len();
-        self.out.extend_from_slice(payload);
-        for (i, b) in self.out[body..].iter_mut().enumerate() {
-            *b ^= mask[i & 3];
-        }
+        encode_frame(&mut self.out, 0x81, payload, Some(self.mask.to_be_bytes()));
+        self.flush();
+    }
+
+    /// Queues bytes exactly as given (no framing, no masking) and writes what the socket takes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
         self.flush();
     }
 
@@ -158,6 +148,34 @@ impl Ws {
         if self.phase != Phase::Closed {
             send_pending(self.fd, &mut self.out);
         }
+    }
+}
+
+/// Appends one WebSocket frame to `out`: `first` is the FIN/RSV/opcode byte, and the payload is
+/// masked when `mask` is given (clients must mask; hostile tests may not).
+pub fn encode_frame(out: &mut Vec<u8>, first: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+    out.push(first);
+    let bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let Some(mask) = mask else {
+        out.extend_from_slice(payload);
+        return;
+    };
+    out.extend_from_slice(&mask);
+    let body = out.len();
+    out.extend_from_slice(payload);
+    for (i, b) in out[body..].iter_mut().enumerate() {
+        *b ^= mask[i & 3];
     }
 }
 
@@ -267,6 +285,13 @@ impl Pool {
 
     /// Opens a WebSocket client; returns its index (stable until it is closed).
     pub fn open_ws(&mut self, tag: u32, now: u64) -> Option<usize> {
+        let request = self.upgrade_request.clone();
+        self.open_with(tag, now, request)
+    }
+
+    /// Opens a client socket that first sends `first_bytes` instead of the upgrade request
+    /// (the caller sends the rest with `send_raw`); it counts as opening until a 101 arrives.
+    pub fn open_with(&mut self, tag: u32, now: u64, first_bytes: Vec<u8>) -> Option<usize> {
         let source = source_addr(self.first_source, self.opened_total % (PER_SOURCE * 200));
         self.opened_total += 1;
         let fd = match connect_from(source, self.target) {
@@ -282,8 +307,9 @@ impl Pool {
             tag,
             step: 0,
             since: now,
+            close_code: None,
             inbuf: Vec::new(),
-            out: self.upgrade_request.clone(),
+            out: first_bytes,
             mask: fd as u32 ^ 0x9e37_79b9,
         };
         let idx = match self.free.pop() {
@@ -540,7 +566,13 @@ fn consume(
                 let p = payload.to_vec();
                 ws.send_control(0xA, &p);
             }
-            0x8 => return (total, true),
+            0x8 => {
+                ws.close_code = Some(match payload {
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                    _ => 0,
+                });
+                return (total, true);
+            }
             _ => {}
         }
         buf = &buf[header + len..];
@@ -580,6 +612,41 @@ mod tests {
         assert_eq!(parse_response(&r[..r.len() - 1]), None);
         let r = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         assert_eq!(parse_response(r), Some((413, r.len(), true)));
+    }
+
+    #[test]
+    fn frames_are_encoded_masked_or_not() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, 0x81, b"hi", Some([1, 2, 3, 4]));
+        assert_eq!(out, [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
+        out.clear();
+        encode_frame(&mut out, 0x83, &[7; 200], None);
+        assert_eq!(&out[..4], &[0x83, 126, 0, 200]);
+        assert_eq!(out.len(), 4 + 200);
+    }
+
+    #[test]
+    fn close_frames_report_their_code() {
+        let mut opening = 0;
+        let mut ws = Ws {
+            fd: -1,
+            phase: Phase::Open,
+            tag: 0,
+            step: 0,
+            since: 0,
+            close_code: None,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            mask: 0,
+        };
+        let frame = [0x88, 2, 0x03, 0xea]; // close 1002
+        let (_, closed) = consume(&mut ws, 0, &frame, &mut opening, &mut |_, _, _| {});
+        assert!(closed);
+        assert_eq!(ws.close_code, Some(1002));
+        ws.close_code = None;
+        let (_, closed) = consume(&mut ws, 0, &[0x88, 0], &mut opening, &mut |_, _, _| {});
+        assert!(closed);
+        assert_eq!(ws.close_code, Some(0));
     }
 
     #[test]

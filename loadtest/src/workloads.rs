@@ -19,7 +19,7 @@ fn procs_for(count: usize, asked: usize) -> usize {
     }
 }
 
-fn server_sample(target: &Target) -> Option<measure::ProcSample> {
+pub(crate) fn server_sample(target: &Target) -> Option<measure::ProcSample> {
     target.server_pid.and_then(measure::sample)
 }
 
@@ -32,7 +32,7 @@ fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| measure::cpu_secs(*p)).sum()
 }
 
-fn unix_secs() -> u64 {
+pub(crate) fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -104,6 +104,130 @@ pub fn idle(a: &IdleArgs) {
     }
     r.add("generator_cpu_s", r2(generator_cpu));
     r.print();
+}
+
+/// Keep-alive HTTP connections publishing through the API, at most one request in flight on
+/// each; every request carries the caller's tag (e.g. its channel index) until it completes.
+/// When the next publish is due, and what each one carries.
+pub(crate) struct Pace {
+    pub(crate) next_due: u64,
+    pub(crate) interval: u64,
+    pub(crate) count: usize,
+    pub(crate) payload: usize,
+    pub(crate) app: pusher::App,
+    pub(crate) host: String,
+}
+
+impl Pace {
+    /// Publishes at `rate` per second from now, with `payload`-byte stamped data.
+    pub(crate) fn new(t: &Target, rate: f64, payload: usize) -> Pace {
+        Pace {
+            next_due: now_ns(),
+            interval: (1e9 / rate) as u64,
+            count: 0,
+            payload,
+            app: t.app(),
+            host: t.addr().to_string(),
+        }
+    }
+}
+
+pub(crate) struct Publisher {
+    pool: Pool,
+    in_flight: Vec<Option<usize>>,
+    cursor: usize,
+}
+
+impl Publisher {
+    /// Opens `conns` connections; exits the process when the server cannot be reached.
+    pub(crate) fn open(t: &Target, conns: usize) -> Publisher {
+        let mut pool = Pool::new(t.addr(), Vec::new(), t.source_base);
+        for _ in 0..conns {
+            if let Err(e) = pool.open_http() {
+                eprintln!("loadtest: cannot open a publisher connection: {e}");
+                std::process::exit(1);
+            }
+        }
+        Publisher {
+            pool,
+            in_flight: vec![None; conns],
+            cursor: 0,
+        }
+    }
+
+    /// Waits up to `wait_ms`; `done(tag, accepted)` for every completed request (accepted: 200).
+    pub(crate) fn poll(&mut self, wait_ms: i32, done: &mut dyn FnMut(usize, bool)) {
+        let in_flight = &mut self.in_flight;
+        self.pool
+            .poll(wait_ms, &mut |_, _, _| {}, &mut |i, status, _| {
+                if let Some(tag) = in_flight[i].take() {
+                    done(tag, status == 200);
+                }
+            });
+    }
+
+    /// Replaces idle connections the server closed.
+    pub(crate) fn reopen_broken(&mut self) {
+        for (i, slot) in self.in_flight.iter().enumerate() {
+            if slot.is_none() && self.pool.http[i].broken {
+                let _ = self.pool.reopen_http(i);
+            }
+        }
+    }
+
+    /// The next idle, unbroken connection (round robin), if any.
+    pub(crate) fn free_connection(&mut self) -> Option<usize> {
+        let n = self.in_flight.len();
+        let i = (0..n)
+            .map(|j| (self.cursor + j) % n)
+            .find(|&j| self.in_flight[j].is_none() && !self.pool.http[j].broken)?;
+        self.cursor = i + 1;
+        Some(i)
+    }
+
+    /// Sends each publish that is due by now, `pace.interval` apart, round robin over
+    /// `channels` (each request tagged with its channel's index), while a connection is free.
+    /// More than 1 s behind, it skips ahead instead of bursting to catch up. Returns the count.
+    pub(crate) fn send_due(&mut self, pace: &mut Pace, channels: &[String], event: &str) -> u64 {
+        let mut sent = 0;
+        while pace.next_due <= now_ns() {
+            let Some(i) = self.free_connection() else {
+                break; // every connection busy: the publisher is lagging
+            };
+            let c = pace.count % channels.len();
+            pace.count += 1;
+            let data = pusher::stamped_data(now_ns(), pace.payload);
+            let request = pusher::trigger_request(
+                &pace.app,
+                &pace.host,
+                &channels[c],
+                event,
+                &data,
+                unix_secs(),
+            );
+            self.send_on(i, c, &request);
+            sent += 1;
+            pace.next_due += pace.interval;
+        }
+        if pace.next_due + 1_000_000_000 < now_ns() {
+            pace.next_due = now_ns();
+        }
+        sent
+    }
+
+    pub(crate) fn send_on(&mut self, i: usize, tag: usize, request: &[u8]) {
+        self.pool.http[i].send(request, now_ns());
+        self.in_flight[i] = Some(tag);
+    }
+
+    /// Requests without a response yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.iter().filter(|f| f.is_some()).count()
+    }
+
+    pub(crate) fn idle(&self) -> bool {
+        self.in_flight.iter().all(Option::is_none)
+    }
 }
 
 #[derive(Args, Clone, Debug)]
@@ -204,7 +328,6 @@ impl Phase {
 
 pub fn fanout(a: &FanoutArgs) {
     let t = &a.target;
-    let app = t.app();
     let mut children = spawn_subscribers(t, a.subscribers, a.channels, &a.channel_prefix, a.procs);
     let ready = children.wait_ready(t.timeout());
     let pids = children.pids();
@@ -212,17 +335,10 @@ pub fn fanout(a: &FanoutArgs) {
     let per_channel: Vec<u64> = (0..a.channels)
         .map(|c| ((a.subscribers + a.channels - 1 - c) / a.channels) as u64)
         .collect();
-    let mut publisher = Pool::new(t.addr(), Vec::new(), t.source_base);
-    for _ in 0..a.http_conns {
-        if let Err(e) = publisher.open_http() {
-            eprintln!("loadtest: cannot open a publisher connection: {e}");
-            std::process::exit(1);
-        }
-    }
+    let mut publisher = Publisher::open(t, a.http_conns);
     let channels: Vec<String> = (0..a.channels)
         .map(|c| channel_name(&a.channel_prefix, c))
         .collect();
-    let host = t.addr().to_string();
     let deadline = now_ns() + t.timeout().as_nanos() as u64;
 
     let mut run_phase = |rate: f64, seconds: u64, children: &mut Children| -> Phase {
@@ -230,63 +346,36 @@ pub fn fanout(a: &FanoutArgs) {
         let generator_before = cpu_of(&pids) + measure::own_cpu_secs();
         let start = now_ns();
         let end = start + seconds * 1_000_000_000;
-        let interval = (1e9 / rate) as u64;
-        let mut next_due = start;
-        let mut in_flight: Vec<Option<usize>> = vec![None; a.http_conns];
+        let mut pace = Pace::new(t, rate, a.payload);
         let mut accepted_on = vec![0u64; a.channels];
-        let (mut sent, mut accepted, mut rejected, mut k) = (0u64, 0u64, 0u64, 0usize);
-        let mut cursor = 0usize;
+        let (mut sent, mut accepted, mut rejected) = (0u64, 0u64, 0u64);
         loop {
             let now = now_ns();
             let publishing = now < end && now < deadline;
-            if !publishing && in_flight.iter().all(Option::is_none) {
+            if !publishing && publisher.idle() {
                 break;
             }
             let wait_ms = match publishing {
-                true => (next_due.saturating_sub(now) / 1_000_000).min(5) as i32,
+                true => (pace.next_due.saturating_sub(now) / 1_000_000).min(5) as i32,
                 false => 5,
             };
-            publisher.poll(wait_ms, &mut |_, _, _| {}, &mut |i, status, _| {
-                if let Some(c) = in_flight[i].take() {
-                    if status == 200 {
-                        accepted += 1;
-                        accepted_on[c] += 1;
-                    } else {
-                        rejected += 1;
-                    }
+            publisher.poll(wait_ms, &mut |c, ok| {
+                if ok {
+                    accepted += 1;
+                    accepted_on[c] += 1;
+                } else {
+                    rejected += 1;
                 }
             });
             if now_ns() > end + 10_000_000_000 {
                 break; // responses that never came count as rejected below
             }
-            for (i, slot) in in_flight.iter().enumerate() {
-                if slot.is_none() && publisher.http[i].broken {
-                    let _ = publisher.reopen_http(i);
-                }
-            }
-            while publishing && next_due <= now_ns() {
-                let Some(i) = (0..a.http_conns)
-                    .map(|j| (cursor + j) % a.http_conns)
-                    .find(|&j| in_flight[j].is_none() && !publisher.http[j].broken)
-                else {
-                    break; // every connection busy: the publisher is lagging
-                };
-                cursor = i + 1;
-                let c = k % a.channels;
-                k += 1;
-                let data = pusher::stamped_data(now_ns(), a.payload);
-                let request =
-                    pusher::trigger_request(&app, &host, &channels[c], "load", &data, unix_secs());
-                publisher.http[i].send(&request, now_ns());
-                in_flight[i] = Some(c);
-                sent += 1;
-                next_due += interval;
-            }
-            if publishing && next_due + 1_000_000_000 < now_ns() {
-                next_due = now_ns(); // more than 1 s behind: do not burst to catch up
+            publisher.reopen_broken();
+            if publishing {
+                sent += publisher.send_due(&mut pace, &channels, "load");
             }
         }
-        rejected += in_flight.iter().filter(|f| f.is_some()).count() as u64;
+        rejected += publisher.in_flight() as u64;
         let publish_secs = (now_ns().min(end) - start) as f64 / 1e9;
         let expected: u64 = accepted_on
             .iter()
@@ -476,7 +565,7 @@ pub struct ClientEventsArgs {
 }
 
 /// Opens `count` sockets; socket i subscribes to `channel(i)` (signed when needed).
-fn open_subscribed(
+pub(crate) fn open_subscribed(
     pool: &mut Pool,
     t: &Target,
     count: usize,
