@@ -105,7 +105,7 @@ pub fn verify(
     let ts: i64 = timestamp
         .parse()
         .map_err(|_| Unauthorized(format!("Invalid auth_timestamp: {timestamp}")))?;
-    if (now - ts).abs() >= TIMESTAMP_WINDOW_SECS {
+    if now.abs_diff(ts) >= TIMESTAMP_WINDOW_SECS.unsigned_abs() {
         return Err(Unauthorized(format!(
             "Timestamp expired: Given timestamp ({ts}) not within {TIMESTAMP_WINDOW_SECS}s of server time ({now})"
         )));
@@ -288,5 +288,22 @@ mod tests {
         assert_eq!(percent_decode("a%2Cb+c"), "a,b c");
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn extreme_timestamps_are_expired_not_an_overflow() {
+        for ts in [i64::MIN, i64::MAX] {
+            let q = parse_query(&format!(
+                "auth_key=k&auth_timestamp={ts}&auth_version=1.0&auth_signature=00"
+            ));
+            for now in [0, 1_700_000_000] {
+                let err = verify("GET", "/x", &q, b"", "s", now).unwrap_err();
+                assert!(
+                    err.0.contains("Timestamp expired"),
+                    "{ts} at {now}: {}",
+                    err.0
+                );
+            }
+        }
     }
 }
