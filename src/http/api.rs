@@ -9,7 +9,7 @@ use crate::protocol::channel::{is_cache_channel, validate_name, ChannelKind};
 use crate::protocol::events::{self, Data};
 use crate::protocol::json::{self, check_depth, str_literal, MAX_JSON_DEPTH};
 use crate::shard::messages::{CachedEvent, ChannelStats, Query, QueryReply};
-use crate::shard::Shard;
+use crate::shard::{Shard, Shared};
 use serde::Deserialize;
 use sonic_rs::{JsonValueTrait, LazyValue};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -138,12 +138,13 @@ struct EventIn<'a> {
 }
 
 /// An event that passed validation: ready to encode per channel.
-struct Event {
-    name: String,
+pub struct Event {
+    pub name: String,
     /// `data` as a JSON string literal (as received when it was a string).
-    data: String,
-    channels: Vec<String>,
-    except: Option<u64>,
+    pub data: String,
+    pub channels: Vec<String>,
+    /// The connection the publisher asked to leave out (`socket_id`).
+    pub except: Option<u64>,
     info: Attributes,
 }
 
@@ -179,7 +180,7 @@ impl Attributes {
 }
 
 fn validate(
-    shard: &Shard,
+    shared: &Shared,
     app: &AppConfig,
     input: EventIn<'_>,
     single_channel: bool,
@@ -271,7 +272,7 @@ fn validate(
                 return Err(fail(400, format!("Invalid socket_id '{id}'")));
             }
             // A socket id of another node matches no socket here.
-            Some(shard.shared.conn_id_of(&id).unwrap_or(u64::MAX))
+            Some(shared.conn_id_of(&id).unwrap_or(u64::MAX))
         }
     };
     let info = Attributes::parse(input.info.as_deref());
@@ -350,16 +351,61 @@ fn check_body(body: &[u8]) -> Result<(), Reply> {
     check_depth(body, MAX_JSON_DEPTH).map_err(|message| fail(400, message))
 }
 
-async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
-    if let Err(reply) = check_body(body) {
-        return reply;
+/// Everything the API checks in the body of `POST /events` (`batch: false`) or
+/// `POST /batch_events` (`batch: true`) before it publishes, without touching a shard: the
+/// events to publish, or the error reply.
+pub fn parse_events(
+    shared: &Shared,
+    config: &AppConfig,
+    body: &[u8],
+    batch: bool,
+) -> Result<Vec<Event>, Reply> {
+    #[derive(Deserialize)]
+    struct BatchIn<'a> {
+        #[serde(borrow)]
+        batch: Vec<EventIn<'a>>,
     }
-    let input: EventIn<'_> = match sonic_rs::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return fail(400, format!("Invalid JSON body: {e}")),
-    };
-    let event = match validate(shard, config, input, false) {
-        Ok(e) => e,
+    check_body(body)?;
+    if !batch {
+        let input: EventIn<'_> =
+            sonic_rs::from_slice(body).map_err(|e| fail(400, format!("Invalid JSON body: {e}")))?;
+        return Ok(vec![validate(shared, config, input, false)?]);
+    }
+    let input: BatchIn<'_> = sonic_rs::from_slice(body).map_err(|e| {
+        fail(
+            400,
+            format!("Invalid JSON body (expected {{\"batch\":[...]}}): {e}"),
+        )
+    })?;
+    let max = config.max_event_batch_size as usize;
+    if input.batch.len() > max {
+        return Err(fail(
+            400,
+            format!(
+                "A batch holds at most {max} events, got {}",
+                input.batch.len()
+            ),
+        ));
+    }
+    let mut events = Vec::with_capacity(input.batch.len());
+    for (i, item) in input.batch.into_iter().enumerate() {
+        match validate(shared, config, item, true) {
+            Ok(e) => events.push(e),
+            Err(mut reply) => {
+                reply.body = format!(
+                    "{{\"error\":{}}}",
+                    str_literal(&format!("batch[{i}]: {}", reply.body))
+                );
+                return Err(reply);
+            }
+        }
+    }
+    Ok(events)
+}
+
+async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
+    let event = match parse_events(&shard.shared, config, body, false) {
+        Ok(mut events) => events.remove(0),
         Err(reply) => return reply,
     };
     shard.backpressure().await;
@@ -374,46 +420,10 @@ async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Re
 }
 
 async fn batch(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
-    #[derive(Deserialize)]
-    struct BatchIn<'a> {
-        #[serde(borrow)]
-        batch: Vec<EventIn<'a>>,
-    }
-    if let Err(reply) = check_body(body) {
-        return reply;
-    }
-    let input: BatchIn<'_> = match sonic_rs::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => {
-            return fail(
-                400,
-                format!("Invalid JSON body (expected {{\"batch\":[...]}}): {e}"),
-            )
-        }
+    let events = match parse_events(&shard.shared, config, body, true) {
+        Ok(events) => events,
+        Err(reply) => return reply,
     };
-    let max = config.max_event_batch_size as usize;
-    if input.batch.len() > max {
-        return fail(
-            400,
-            format!(
-                "A batch holds at most {max} events, got {}",
-                input.batch.len()
-            ),
-        );
-    }
-    let mut events = Vec::with_capacity(input.batch.len());
-    for (i, item) in input.batch.into_iter().enumerate() {
-        match validate(shard, config, item, true) {
-            Ok(e) => events.push(e),
-            Err(mut reply) => {
-                reply.body = format!(
-                    "{{\"error\":{}}}",
-                    str_literal(&format!("batch[{i}]: {}", reply.body))
-                );
-                return reply;
-            }
-        }
-    }
     shard.backpressure().await;
     publish(shard, app, &events).await;
     if events.iter().all(|e| !e.info.requested) {
@@ -567,7 +577,7 @@ async fn deprecated_trigger(
         socket_id: get(params, "socket_id").map(std::borrow::Cow::Borrowed),
         info: None,
     };
-    let event = match validate(shard, config, input, true) {
+    let event = match validate(&shard.shared, config, input, true) {
         Ok(e) => e,
         Err(reply) => return reply,
     };
