@@ -17,7 +17,7 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MESH_CHANNEL_SIZE: usize = 4096;
 const LISTEN_BACKLOG: i32 = 4096;
@@ -164,24 +164,68 @@ fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
 
 /// The signal thread: the first SIGINT/SIGTERM starts a graceful shutdown, a second one exits
 /// at once. `sigwait` takes pending signals too, so none sent before this thread runs is lost.
+/// The drain's deadline is kept here, on the OS clock, and the shards are woken directly, so a
+/// shutdown never depends on an executor's timers.
 fn wait_for_signals(set: libc::sigset_t, shared: &Shared) {
-    let mut received = 0;
-    loop {
-        let mut signal = 0;
-        // SAFETY: `set` is a valid signal set and `signal` a valid out-pointer.
-        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-            continue;
-        }
-        received += 1;
-        if received == 1 {
-            shared.shutdown.store(true, Ordering::Relaxed);
-            crate::log_warn!("signal received, closing connections (4200) and stopping");
-        } else {
-            crate::log_warn!("second signal, exiting now");
+    let drain = Duration::from_secs(crate::shard::conn::CLOSE_GRACE_SECS as u64 + 1);
+    let first = next_signal(&set, None).unwrap_or(0);
+    shared.shutdown.store(true, Ordering::Release);
+    shared.wake_shards();
+    crate::log_warn!("signal {first} received, closing connections (4200) and stopping");
+    if let Some(second) = next_signal(&set, Some(drain)) {
+        exit_now(second);
+    }
+    shared.drain_over.store(true, Ordering::Release);
+    shared.wake_shards();
+    // The shards stop within moments of the drain's end; if the process is still here much later
+    // something is stuck, and a supervisor is better served by an exit than by a hang.
+    match next_signal(&set, Some(Duration::from_secs(10))) {
+        Some(second) => exit_now(second),
+        None => {
+            crate::log_warn!("shutdown did not finish 10 s after the drain; exiting");
             crate::log::flush_briefly(Duration::from_millis(200));
-            std::process::exit(128 + signal);
+            std::process::exit(1);
         }
     }
+}
+
+/// The next of the blocked signals, waiting at most `timeout` (None: for ever).
+fn next_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<i32> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let signal = match deadline {
+            None => {
+                let mut signal = 0;
+                // SAFETY: `set` is a valid signal set and `signal` a valid out-pointer.
+                match unsafe { libc::sigwait(set, &mut signal) } {
+                    0 => signal,
+                    _ => continue,
+                }
+            }
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                let ts = libc::timespec {
+                    tv_sec: left.as_secs() as libc::time_t,
+                    tv_nsec: left.subsec_nanos() as libc::c_long,
+                };
+                // SAFETY: valid set and timespec; no siginfo wanted.
+                match unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) } {
+                    -1 => continue, // EAGAIN (timed out: checked above) or EINTR
+                    signal => signal,
+                }
+            }
+        };
+        return Some(signal);
+    }
+}
+
+fn exit_now(signal: i32) -> ! {
+    crate::log_warn!("second signal ({signal}), exiting now");
+    crate::log::flush_briefly(Duration::from_millis(200));
+    std::process::exit(128 + signal)
 }
 
 async fn run_shard(
@@ -242,10 +286,11 @@ async fn run_shard(
         )));
     }
     let _ = ready.send(Ok(()));
+    shard.lifecycle().await;
+    // The listeners stopped when shutdown began.
     for accept in accepts {
         accept.await;
     }
-    shard.drained().await;
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, slot: usize, api_only: bool) {

@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,13 @@ pub struct Shared {
     pub contained_panics: AtomicU64,
     /// Sockets accepted whose first request head has not arrived yet.
     pub pending_connections: AtomicUsize,
+    /// The drain after a shutdown request is over: shards stop waiting for connections to close.
+    pub drain_over: AtomicBool,
+    /// Each shard's lifecycle task (see `Shard::lifecycle`), woken from the signal thread. glommio
+    /// wakes a task from another thread through its executor's eventfd, so shutdown never
+    /// depends on a timer firing (issue 8: an idle shard whose timers were lost slept through
+    /// SIGTERM).
+    lifecycle_wakers: Mutex<Vec<Option<Waker>>>,
     /// Bytes each shard's frame readers hold for incomplete messages (one slot per shard, written
     /// only by its owner; summed only when a shard is over its fair share of the budget).
     partial_bytes: Vec<ShardCounter>,
@@ -68,6 +75,27 @@ impl Shared {
             contained_panics: AtomicU64::new(0),
             pending_connections: AtomicUsize::new(0),
             partial_bytes: (0..shards).map(|_| ShardCounter::default()).collect(),
+            drain_over: AtomicBool::new(false),
+            lifecycle_wakers: Mutex::new(vec![None; shards]),
+        }
+    }
+
+    /// Wakes every shard's lifecycle task, from any thread.
+    pub fn wake_shards(&self) {
+        let wakers: Vec<Waker> = match self.lifecycle_wakers.lock() {
+            Ok(mut slots) => slots.iter_mut().filter_map(Option::take).collect(),
+            Err(_) => return,
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn wake_shard(&self, shard: usize) {
+        let waker = match self.lifecycle_wakers.lock() {
+            Ok(mut slots) => slots[shard].take(),
+            Err(_) => return,
+        };
+        if let Some(w) = waker {
+            w.wake();
         }
     }
 
@@ -585,9 +613,6 @@ impl Shard {
         let mut tick = 0u32;
         loop {
             glommio::timer::sleep(Duration::from_millis(250)).await;
-            if self.shared.shutdown.load(Ordering::Relaxed) && !self.shutting_down.get() {
-                self.begin_shutdown();
-            }
             tick += 1;
             if !tick.is_multiple_of(4) {
                 continue;
@@ -668,11 +693,40 @@ impl Shard {
         .await
     }
 
-    /// Resolves once every connection is gone (or the grace period is over) after shutdown.
-    pub async fn drained(&self) {
-        let deadline = Instant::now() + Duration::from_secs(conn::CLOSE_GRACE_SECS as u64 + 1);
-        while !self.conns.borrow().is_empty() && Instant::now() < deadline {
-            glommio::timer::sleep(Duration::from_millis(50)).await;
+    /// The shard's life after startup: serving until shutdown is asked for, then closing every
+    /// connection (4200), until they are all gone or the drain is over. Woken only by the signal
+    /// thread and by the last disconnect, never by a timer.
+    pub async fn lifecycle(&self) {
+        self.wait_for(|| self.shared.shutdown.load(Ordering::Acquire))
+            .await;
+        self.begin_shutdown();
+        self.wait_for(|| {
+            self.conns.borrow().is_empty() || self.shared.drain_over.load(Ordering::Acquire)
+        })
+        .await;
+    }
+
+    async fn wait_for(&self, done: impl Fn() -> bool) {
+        poll_fn(|cx| {
+            if done() {
+                return Poll::Ready(());
+            }
+            if let Ok(mut slots) = self.shared.lifecycle_wakers.lock() {
+                slots[self.id] = Some(cx.waker().clone());
+            }
+            // Checked again: the flag may have been set before the waker was in place.
+            match done() {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Called when a connection is gone: the last one ends a shutdown's drain.
+    pub fn on_disconnect(&self) {
+        if self.shutting_down.get() && self.conns.borrow().is_empty() {
+            self.shared.wake_shard(self.id);
         }
     }
 }

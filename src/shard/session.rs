@@ -308,6 +308,7 @@ fn disconnect(shard: &Shard, conn: &Rc<Conn>) {
     let shared = &shard.shared;
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     shared.app_connections[conn.app as usize].fetch_sub(1, Ordering::Relaxed);
+    shard.on_disconnect();
 }
 
 fn handle_inbound(shard: &Shard, conn: &Conn, inbound: Inbound) {
