@@ -532,6 +532,15 @@ fn deep_ws_message_is_refused(shard: u64, message: &str) {
     assert_recovered(&server, &mut bystanders);
 }
 
+/// Found by fuzzing: a malformed `\u` escape used to end the depth check's idea of a string
+/// elsewhere than the parser's, so the brackets after it went uncounted and one 60 KB message
+/// overflowed a shard's stack (the process aborted).
+#[test]
+fn d2_deep_json_behind_a_malformed_unicode_escape_gets_pusher_error() {
+    let message = format!(r#"{{"event":"x","data":["\u000\",{}"#, "[".repeat(60_000));
+    deep_ws_message_is_refused(1, &message);
+}
+
 #[test]
 fn d2_deep_json_at_top_level_gets_pusher_error() {
     deep_ws_message_is_refused(0, &nested(DEEP));

@@ -166,7 +166,7 @@ pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>)
 
 /// The body length a head announces: `Ok(0)` without `Content-Length`; an error for a bad
 /// value or for several that disagree (RFC 9112 §6.3: a request smuggling vector).
-fn content_length(head: &Head) -> Result<usize, &'static str> {
+pub fn content_length(head: &Head) -> Result<usize, &'static str> {
     let mut length = None;
     let values = head
         .headers
@@ -174,8 +174,12 @@ fn content_length(head: &Head) -> Result<usize, &'static str> {
         .filter(|(n, _)| n == "content-length")
         .flat_map(|(_, v)| v.split(','));
     for value in values {
+        let value = value.trim();
+        // Digits only (RFC 9112): `parse` alone would take "+5".
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("Invalid Content-Length");
+        }
         let n = value
-            .trim()
             .parse::<usize>()
             .map_err(|_| "Invalid Content-Length")?;
         if length.is_some_and(|l| l != n) {
@@ -285,6 +289,7 @@ mod tests {
         assert!(len("Content-Length: 12\r\nContent-Length: 13\r\n").is_err());
         assert!(len("Content-Length: 12, 0\r\n").is_err());
         assert!(len("Content-Length: -1\r\n").is_err());
+        assert!(len("Content-Length: +5\r\n").is_err());
         assert!(len("Content-Length: \r\n").is_err());
     }
 

@@ -56,16 +56,32 @@ pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), String> {
     if count_opening_brackets(bytes) <= max_depth {
         return Ok(());
     }
+    // Strings are followed by the JSON grammar, escapes included: a parser takes `\u` and the
+    // next four bytes as one escape, so a scan that read `\u000\"` differently would end the
+    // string elsewhere and miss every bracket after it (found by fuzzing).
+    let invalid_escape = || Err("Invalid escape in a JSON string".to_string());
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
+    let mut hex_due = 0u8;
     for &b in bytes {
         if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+            if hex_due > 0 {
+                if !b.is_ascii_hexdigit() {
+                    return invalid_escape();
+                }
+                hex_due -= 1;
+            } else if escaped {
+                escaped = false;
+                match b {
+                    b'u' => hex_due = 4,
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                    _ => return invalid_escape(),
+                }
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
             }
             continue;
         }
@@ -147,6 +163,18 @@ mod tests {
         // Closing brackets never take the count below zero, so they cannot buy extra depth.
         assert!(check_depth(b"]]]]]][[", 2).is_ok());
         assert!(check_depth(b"]]]]]][[[", 2).is_err());
+    }
+
+    #[test]
+    fn a_malformed_unicode_escape_cannot_hide_brackets() {
+        // The parser ends this string at the last quote; a scan that took `\"` as an escaped
+        // quote would count none of the brackets after it.
+        let mut text = br#"{"event":"x","data":["\u000\","#.to_vec();
+        text.extend(std::iter::repeat_n(b'[', 60_000));
+        assert!(check_depth(&text, MAX_JSON_DEPTH).is_err());
+        assert!(check_depth(br#""\u0n":"{"#, 0).is_err());
+        assert!(check_depth(br#"{"a":"\u00e9\n\"[[[["}"#, 1).is_ok());
+        assert!(check_depth(br#"{"a":"\q"}[[[[["#, 1).is_err());
     }
 
     #[test]
