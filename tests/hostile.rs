@@ -164,13 +164,7 @@ mod raw {
         }
 
         pub fn shard(&self) -> u64 {
-            self.socket_id
-                .split('.')
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-                % 2
+            crate::common::shard_of(&self.socket_id)
         }
 
         pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {

@@ -185,6 +185,16 @@ impl Drop for Server {
     }
 }
 
+/// The shard of a socket id on a 2-shard test server: its second part modulo the shard count.
+pub fn shard_of(socket_id: &str) -> u64 {
+    socket_id
+        .split('.')
+        .nth(1)
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("a socket id is two numbers joined by a dot")
+        % 2
+}
+
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -383,13 +393,7 @@ impl Client {
 
     /// The shard serving this connection (test servers run 2 shards).
     pub fn shard(&self) -> u64 {
-        self.socket_id
-            .split('.')
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            % 2
+        shard_of(&self.socket_id)
     }
 
     pub fn user_auth(&self, user_data: &str) -> String {
