@@ -2,6 +2,7 @@
 //! Pure functions only; no I/O and no shard state.
 
 pub mod channel;
+pub mod codes;
 pub mod events;
 pub mod json;
 pub mod ws;

@@ -2,6 +2,7 @@
 //! tungstenite; reassembly, unmasking and the size bound are ours so that a connection holds no
 //! buffer while idle and never buffers more than one message.
 
+use super::codes::{INVALID_UTF8, PROTOCOL_ERROR};
 use std::io::Cursor;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
@@ -86,11 +87,6 @@ pub enum Inbound {
         reason: &'static str,
     },
 }
-
-/// Close code for a frame that breaks RFC 6455.
-pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
-/// Close code for a text message (or close reason) that is not UTF-8.
-pub const CLOSE_INVALID_UTF8: u16 = 1007;
 
 /// Incremental frame reader. Holds only the bytes of an incomplete frame (usually none).
 #[derive(Default)]
@@ -181,34 +177,32 @@ impl FrameReader {
                     self.release_if_empty();
                     return None;
                 }
-                Err(_) => return self.violation(CLOSE_PROTOCOL_ERROR, "Invalid frame header"),
+                Err(_) => return self.violation(PROTOCOL_ERROR, "Invalid frame header"),
             };
             let header_len = cursor.position() as usize;
             let Some(mask) = header.mask else {
-                return self.violation(CLOSE_PROTOCOL_ERROR, "Client frames must be masked");
+                return self.violation(PROTOCOL_ERROR, "Client frames must be masked");
             };
             if header.rsv1 || header.rsv2 || header.rsv3 {
-                return self.violation(CLOSE_PROTOCOL_ERROR, "Reserved bits must be zero");
+                return self.violation(PROTOCOL_ERROR, "Reserved bits must be zero");
             }
             if len >> 63 != 0 {
-                return self.violation(CLOSE_PROTOCOL_ERROR, "Frame length has its top bit set");
+                return self.violation(PROTOCOL_ERROR, "Frame length has its top bit set");
             }
             let is_control = matches!(header.opcode, OpCode::Control(_));
             if is_control && (len > 125 || !header.is_final) {
-                return self.violation(CLOSE_PROTOCOL_ERROR, "Invalid control frame");
+                return self.violation(PROTOCOL_ERROR, "Invalid control frame");
             }
             let in_message = self.fragment_opcode.is_some() || self.skipping_message;
             match header.opcode {
                 OpCode::Data(Data::Continue) if !in_message => {
-                    return self
-                        .violation(CLOSE_PROTOCOL_ERROR, "Continuation without a start frame");
+                    return self.violation(PROTOCOL_ERROR, "Continuation without a start frame");
                 }
                 OpCode::Data(Data::Text | Data::Binary) if in_message => {
-                    return self
-                        .violation(CLOSE_PROTOCOL_ERROR, "New message inside a fragmented one");
+                    return self.violation(PROTOCOL_ERROR, "New message inside a fragmented one");
                 }
                 OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                    return self.violation(CLOSE_PROTOCOL_ERROR, "Reserved opcode");
+                    return self.violation(PROTOCOL_ERROR, "Reserved opcode");
                 }
                 _ => {}
             }
@@ -274,7 +268,7 @@ impl FrameReader {
             return Some(Inbound::Binary);
         }
         if std::str::from_utf8(&payload).is_err() {
-            return self.violation(CLOSE_INVALID_UTF8, "Text message is not valid UTF-8");
+            return self.violation(INVALID_UTF8, "Text message is not valid UTF-8");
         }
         Some(Inbound::Text(payload))
     }
@@ -283,14 +277,14 @@ impl FrameReader {
     fn close(&mut self, payload: &[u8]) -> Option<Inbound> {
         let (code, reason) = match payload {
             [] => return Some(Inbound::Close(None)),
-            [_] => return self.violation(CLOSE_PROTOCOL_ERROR, "Close payload of one byte"),
+            [_] => return self.violation(PROTOCOL_ERROR, "Close payload of one byte"),
             [hi, lo, reason @ ..] => (u16::from_be_bytes([*hi, *lo]), reason),
         };
         if !is_valid_close_code(code) {
-            return self.violation(CLOSE_PROTOCOL_ERROR, "Invalid close code");
+            return self.violation(PROTOCOL_ERROR, "Invalid close code");
         }
         if std::str::from_utf8(reason).is_err() {
-            return self.violation(CLOSE_INVALID_UTF8, "Close reason is not valid UTF-8");
+            return self.violation(INVALID_UTF8, "Close reason is not valid UTF-8");
         }
         Some(Inbound::Close(Some(code)))
     }

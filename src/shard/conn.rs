@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::Waker;
 
-use crate::protocol::{events, ws};
+use crate::protocol::{codes, events, ws};
 
 /// A subscription as the connection knows it. `confirmed` once the channel's home shard acked.
 pub struct Sub {
@@ -129,7 +129,11 @@ impl Conn {
         };
         if over {
             self.drop_backlog();
-            self.close_now(4100, "Slow consumer: too many messages queued", u32::MAX);
+            self.close_now(
+                codes::OVER_CAPACITY,
+                "Slow consumer: too many messages queued",
+                u32::MAX,
+            );
             return false;
         }
         true
@@ -169,7 +173,9 @@ impl Conn {
     /// A bare close frame, for WebSocket-level errors (1002) and replies to the peer's close.
     pub fn close_bare(&self, code: Option<u16>, reason: &str, now: u32) {
         let frame = match code {
-            Some(c) if c != 1005 && c != 1006 => ws::close_frame(c, reason),
+            Some(c) if c != codes::NO_STATUS && c != codes::ABNORMAL_CLOSURE => {
+                ws::close_frame(c, reason)
+            }
             _ => ws::encode_frame(ws::OP_CLOSE, &[]),
         };
         self.close_with(None, frame, now);

@@ -17,7 +17,7 @@ use crate::channels::watch::WatchCounts;
 use crate::channels::ChannelKey;
 use crate::config::{AppConfig, Config};
 use crate::protocol::channel::ChannelKind;
-use crate::protocol::events;
+use crate::protocol::{codes, events};
 use ahash::AHashMap;
 use conn::Conn;
 use messages::{ChannelStats, JoinAck, JoinRequest, Query, QueryReply, ShardMsg};
@@ -310,7 +310,7 @@ impl Shard {
                 .store(total, Ordering::Relaxed);
             conn.discard_input.set(true);
             conn.close_bare(
-                Some(1008),
+                Some(codes::POLICY_VIOLATION),
                 "Server memory for incomplete messages is exhausted",
                 now,
             );
@@ -648,13 +648,13 @@ impl Shard {
                         && now.saturating_sub(conn.connected_at) >= timeout
                     {
                         let reason = format!("Connection not authorized within {timeout} seconds");
-                        conn.close_now(4009, &reason, now);
+                        conn.close_now(codes::UNAUTHORIZED, &reason, now);
                         continue;
                     }
                 }
                 match conn.ping_sent.get() {
                     Some(sent) if now.saturating_sub(sent) >= cfg.pong_timeout => {
-                        conn.close_now(4201, "Pong reply not received", now);
+                        conn.close_now(codes::PONG_TIMEOUT, "Pong reply not received", now);
                     }
                     Some(_) => {}
                     None if now.saturating_sub(conn.last_seen.get()) >= cfg.activity_timeout => {
@@ -676,7 +676,7 @@ impl Shard {
         }
         let now = self.now_secs();
         for conn in self.conns.borrow().values() {
-            conn.close_now(4200, "Server shutting down, reconnect", now);
+            conn.close_now(codes::SHUTTING_DOWN, "Server shutting down, reconnect", now);
         }
     }
 

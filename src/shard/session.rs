@@ -11,8 +11,8 @@ use crate::protocol::channel::{validate_name, ChannelKind, SERVER_TO_USER_PREFIX
 use crate::protocol::events::{
     self, ClientMessage, Data, SigninData, SubscribeData, UnsubscribeData,
 };
-use crate::protocol::json;
 use crate::protocol::ws::{self, FrameReader, Inbound};
+use crate::protocol::{codes, json};
 use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use sonic_rs::{JsonValueTrait, LazyValue};
@@ -187,39 +187,52 @@ fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
     let shared = &shard.shared;
     let key = match path.rfind("/app/") {
         Some(i) if !path[i + 5..].is_empty() && !path[i + 5..].contains('/') => &path[i + 5..],
-        _ => return Err((4005, "Path not found".into())),
+        _ => return Err((codes::PATH_NOT_FOUND, "Path not found".into())),
     };
     let key = crate::http::signature::percent_decode(key);
     let Some(app) = shared.app_by_key(&key) else {
         return Err((
-            4001,
+            codes::APP_NOT_FOUND,
             format!("App key {key} not in this cluster. Did you forget to specify the cluster?"),
         ));
     };
     let config = shared.app(app);
     if !config.enabled {
-        return Err((4003, "Application disabled".into()));
+        return Err((codes::APP_DISABLED, "Application disabled".into()));
     }
     let params = parse_query(query);
     match crate::http::signature::get(&params, "protocol") {
         None if shared.config.allow_missing_protocol => {}
-        None => return Err((4008, "No protocol version supplied".into())),
+        None => {
+            return Err((
+                codes::NO_PROTOCOL_VERSION,
+                "No protocol version supplied".into(),
+            ))
+        }
         Some(v) => match v.parse::<u32>() {
             Ok(4..=7) => {}
-            _ => return Err((4007, format!("Unsupported protocol version {v}"))),
+            _ => {
+                return Err((
+                    codes::UNSUPPORTED_PROTOCOL,
+                    format!("Unsupported protocol version {v}"),
+                ))
+            }
         },
     }
     let in_app = shared.app_connections[app as usize].fetch_add(1, Ordering::Relaxed);
     if config.max_connections > 0 && in_app >= config.max_connections {
         shared.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
-        return Err((4004, "Application is over connection quota".into()));
+        return Err((
+            codes::APP_OVER_QUOTA,
+            "Application is over connection quota".into(),
+        ));
     }
     let total = shared.connections.fetch_add(1, Ordering::Relaxed);
     let cap = shared.config.max_connections;
     if (cap > 0 && total >= cap) || shard.shutting_down.get() {
         shared.connections.fetch_sub(1, Ordering::Relaxed);
         shared.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
-        return Err((4100, "Over capacity".into()));
+        return Err((codes::OVER_CAPACITY, "Over capacity".into()));
     }
     Ok(app)
 }
@@ -579,7 +592,10 @@ fn client_event(
     };
     let app = shard.shared.app(conn.app);
     if !app.enable_client_messages {
-        return fail(Some(4301), "The app does not have client messaging enabled");
+        return fail(
+            Some(codes::CLIENT_EVENT_REJECTED),
+            "The app does not have client messaging enabled",
+        );
     }
     let Some(channel) = channel else {
         return fail(None, "Client events need a channel");
@@ -596,7 +612,7 @@ fn client_event(
             Some(sub) if sub.confirmed => sub.user_id.clone(),
             _ => {
                 return fail(
-                    Some(4009),
+                    Some(codes::UNAUTHORIZED),
                     "The client is not a member of the specified channel",
                 )
             }
@@ -636,7 +652,10 @@ fn client_event(
         );
     }
     if !take_token(shard, conn, app.max_client_events_per_second as f32) {
-        return fail(Some(4301), "Client event rejected due to rate limit");
+        return fail(
+            Some(codes::CLIENT_EVENT_REJECTED),
+            "Client event rejected due to rate limit",
+        );
     }
     let frame = events::frame(
         event,

@@ -10,6 +10,7 @@ use super::conn::Conn;
 use super::messages::{JoinRequest, ShardMsg};
 use super::Shard;
 use crate::channels::ChannelKey;
+use crate::protocol::codes;
 use crate::protocol::events::{self, SigninData};
 use std::rc::Rc;
 
@@ -41,7 +42,7 @@ impl SignedIn {
 pub fn signin(shard: &Shard, conn: &Conn, data: Option<SigninData>) {
     let max = shard.max_queued();
     let fail = |message: &str| {
-        conn.send_vec(events::error(Some(4009), message), max);
+        conn.send_vec(events::error(Some(codes::UNAUTHORIZED), message), max);
     };
     let app = shard.shared.app(conn.app);
     if !app.enable_user_authentication {
@@ -137,7 +138,10 @@ impl Shard {
                 let limit = self.shared.app(conn.app).max_watchlist_size;
                 let message =
                     format!("Watchlist too long: only its first {limit} user ids are watched");
-                conn.send_vec(events::error(Some(4302), &message), max);
+                conn.send_vec(
+                    events::error(Some(codes::WATCHLIST_TOO_LONG), &message),
+                    max,
+                );
             }
             user.watch_pending = user.watchlist.len();
             user.watchlist
@@ -224,7 +228,7 @@ impl Shard {
     pub(super) fn close_user_local(&self, key: &ChannelKey) {
         let now = self.now_secs();
         for conn in self.local.borrow().subscribers(key) {
-            conn.close_now(4009, "You got disconnected by the app", now);
+            conn.close_now(codes::UNAUTHORIZED, "You got disconnected by the app", now);
         }
     }
 
