@@ -44,13 +44,10 @@ impl<F: Future> Future for Contained<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // SAFETY: `future` is structurally pinned: it is never moved out of `self`.
         let future = unsafe { self.map_unchecked_mut(|c| &mut c.future) };
-        CONTAINED_DEPTH.with(|d| d.set(d.get() + 1));
-        let result = panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
-        CONTAINED_DEPTH.with(|d| d.set(d.get() - 1));
-        match result {
+        match contain_call("a connection", || future.poll(cx)) {
             Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
             Ok(Poll::Pending) => Poll::Pending,
-            Err(_) => Poll::Ready(Err(count_panic("a connection"))),
+            Err(panicked) => Poll::Ready(Err(panicked)),
         }
     }
 }
