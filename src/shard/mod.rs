@@ -182,8 +182,6 @@ pub struct Shard {
     /// Receive buffer shared by every socket of the shard: reads land here and only the bytes of
     /// an incomplete frame are kept per connection.
     pub scratch: RefCell<Box<[u8]>>,
-    /// Bytes this shard's frame readers hold for incomplete messages (see `account_partial`).
-    partial_bytes: Cell<usize>,
     started: Instant,
     pub shutting_down: Cell<bool>,
     shutdown_wakers: RefCell<Vec<Option<Waker>>>,
@@ -216,7 +214,6 @@ impl Shard {
             next_query: Cell::new(0),
             next_conn: Cell::new(0),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
-            partial_bytes: Cell::new(0),
             started: Instant::now(),
             shutting_down: Cell::new(false),
             shutdown_wakers: RefCell::new(vec![None, None]),
@@ -270,15 +267,23 @@ impl Shard {
         if old == held {
             return;
         }
-        let total = self.partial_bytes.get().saturating_sub(old as usize) + held as usize;
-        self.partial_bytes.set(total);
-        self.shared.partial_bytes[self.id]
-            .0
-            .store(total, Ordering::Relaxed);
+        let total = self.own_partial_bytes().saturating_sub(old as usize) + held as usize;
+        self.set_own_partial_bytes(total);
         let budget = self.shared.config.max_partial_message_bytes;
         if total > budget / self.shared.shards && self.process_partial_bytes() > budget {
             self.shed_partial_messages(budget / 10 * 9);
         }
+    }
+
+    /// This shard's slot of `Shared::partial_bytes` (only this shard writes it).
+    fn own_partial_bytes(&self) -> usize {
+        self.shared.partial_bytes[self.id].0.load(Ordering::Relaxed)
+    }
+
+    fn set_own_partial_bytes(&self, total: usize) {
+        self.shared.partial_bytes[self.id]
+            .0
+            .store(total, Ordering::Relaxed);
     }
 
     fn process_partial_bytes(&self) -> usize {
@@ -303,11 +308,7 @@ impl Shard {
                 break;
             }
             let freed = conn.partial_bytes.replace(0) as usize;
-            let total = self.partial_bytes.get().saturating_sub(freed);
-            self.partial_bytes.set(total);
-            self.shared.partial_bytes[self.id]
-                .0
-                .store(total, Ordering::Relaxed);
+            self.set_own_partial_bytes(self.own_partial_bytes().saturating_sub(freed));
             conn.discard_input.set(true);
             conn.close_bare(
                 Some(codes::POLICY_VIOLATION),
