@@ -458,10 +458,12 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
     if let Err(message) = validate_name(channel, app.max_channel_name_length as usize) {
         return fail(&message);
     }
-    let existing = {
+    // Where the new subscription goes in the sorted list, unless it is there already. Nothing
+    // below changes the list before it is inserted.
+    let position = {
         let subs = conn.subs.borrow();
         match find_sub(&subs, channel) {
-            Ok(i) => Some(subs[i].confirmed),
+            Ok(i) => Ok(subs[i].confirmed),
             Err(_) if subs.len() >= app.max_subscriptions_per_connection as usize => {
                 let limit = app.max_subscriptions_per_connection;
                 drop(subs);
@@ -469,17 +471,17 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
                     "Too many subscriptions: a connection may subscribe to at most {limit} channels"
                 ));
             }
-            Err(_) => None,
+            Err(at) => Err(at),
         }
     };
-    match existing {
+    let insert_at = match position {
         // Still waiting for the home shard: the reply will confirm it.
-        Some(false) => return,
-        Some(true) if kind != ChannelKind::Presence => {
+        Ok(false) => return,
+        Ok(true) if kind != ChannelKind::Presence => {
             conn.send_vec(events::subscription_succeeded(channel, "{}"), max);
             return;
         }
-        Some(true) => {
+        Ok(true) => {
             return shard.join(JoinRequest {
                 key: ChannelKey::new(conn.app, channel),
                 origin: shard.id,
@@ -489,8 +491,8 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
                 repeat: true,
             });
         }
-        None => {}
-    }
+        Err(at) => at,
+    };
     let socket_id = shard.shared.socket_id(conn.id);
     let channel_data = data.channel_data.as_deref();
     if kind.needs_auth() {
@@ -542,9 +544,8 @@ fn subscribe(shard: &Shard, conn: &Conn, data: SubscribeData) {
         subs.reserve_exact(1);
     }
     // Kept sorted by name: lookups are binary searches (the insert only shifts pointers).
-    let at = find_sub(&subs, channel).unwrap_or_else(|i| i);
     subs.insert(
-        at,
+        insert_at,
         Sub {
             name: channel.into(),
             confirmed: false,
