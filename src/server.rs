@@ -356,11 +356,10 @@ async fn serve_new_socket(
     // its body) must arrive within `request_timeout`.
     let deadline = DeadlineGuard::new(&shard, config.request_timeout);
     let mut buf = Vec::new();
-    let head = futures_lite::future::or(http::read_head(&shard, &mut stream, &mut buf), async {
-        deadline.expired().await;
-        None
-    })
-    .await;
+    let head = deadline
+        .within(http::read_head(&shard, &mut stream, &mut buf))
+        .await
+        .flatten();
     drop(pending);
     let Some(head) = head else {
         return;

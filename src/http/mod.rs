@@ -201,11 +201,9 @@ pub async fn serve(
     head: Head,
     deadline: DeadlineGuard,
 ) {
-    futures_lite::future::or(
-        serve_requests(&shard, &mut stream, buf, head, &deadline),
-        deadline.expired(),
-    )
-    .await
+    let _ = deadline
+        .within(serve_requests(&shard, &mut stream, buf, head, &deadline))
+        .await;
 }
 
 async fn serve_requests(

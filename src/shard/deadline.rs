@@ -4,7 +4,7 @@
 
 use super::Shard;
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
@@ -30,8 +30,17 @@ impl Deadline {
         }
     }
 
-    /// Resolves once the deadline has passed. Race it against the socket's work.
-    pub async fn expired(&self) {
+    /// Runs `work` until it ends (`Some`) or the deadline passes (`None`, and `work` is dropped).
+    pub async fn within<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        futures_lite::future::or(async { Some(work.await) }, async {
+            self.expired().await;
+            None
+        })
+        .await
+    }
+
+    /// Resolves once the deadline has passed.
+    async fn expired(&self) {
         poll_fn(|cx| {
             if self.expired.get() {
                 Poll::Ready(())
