@@ -11,7 +11,7 @@ use shardpush::config::{AppConfig, Config};
 use shardpush::http::signature::{parse_query, verify};
 use shardpush::protocol::events::{self, ClientMessage, Data};
 use shardpush::protocol::json::{check_depth, str_literal, MAX_JSON_DEPTH};
-use shardpush::protocol::ws::{FrameReader, Inbound};
+use shardpush::protocol::ws::{self, FrameReader, Inbound};
 use shardpush::shard::conn::Conn;
 use shardpush::shard::{Shard, Shared};
 use std::hint::black_box;
@@ -24,11 +24,7 @@ fn payload_100() -> String {
 
 /// A masked client text frame, as a browser sends it.
 fn client_frame(payload: &[u8]) -> Vec<u8> {
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    let mut out = vec![0x81, 0x80 | payload.len() as u8];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    out
+    ws::encode_client_frame(ws::OP_TEXT, true, payload)
 }
 
 fn encoding(c: &mut Criterion) {

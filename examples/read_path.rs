@@ -2,15 +2,12 @@
 //! subscribe frame, N times: count its instructions with
 //! `valgrind --tool=callgrind target/release/examples/read_path 20000` (see BENCHMARKS.md).
 use shardpush::protocol::events::{self, ClientMessage};
-use shardpush::protocol::ws::{FrameReader, Inbound};
+use shardpush::protocol::ws::{self, FrameReader, Inbound};
 use std::hint::black_box;
 
+/// A masked client text frame, as a browser sends it.
 fn client_frame(payload: &[u8]) -> Vec<u8> {
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    let mut out = vec![0x81, 0x80 | payload.len() as u8];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    out
+    ws::encode_client_frame(ws::OP_TEXT, true, payload)
 }
 
 fn main() {

@@ -36,6 +36,24 @@ pub fn payload_of(frame: &[u8]) -> &[u8] {
     frame.get(header..).unwrap_or(&[])
 }
 
+/// Encodes one masked client frame, as a browser sends it (for tests, benchmarks and fuzzing).
+pub fn encode_client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let header = FrameHeader {
+        is_final: fin,
+        opcode: OpCode::from(opcode),
+        mask: Some(mask),
+        ..FrameHeader::default()
+    };
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    // Writing into a Vec cannot fail.
+    let _ = header.format(payload.len() as u64, &mut out);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    unmask(&mut out[start..], mask);
+    out
+}
+
 pub fn text_frame(json: &[u8]) -> Vec<u8> {
     encode_frame(OP_TEXT, json)
 }
@@ -312,22 +330,7 @@ fn unmask(buf: &mut [u8], mask: [u8; 4]) {
 pub(crate) mod tests {
     use super::*;
 
-    /// A masked client frame, as a browser would send it.
-    pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let header = FrameHeader {
-            is_final: fin,
-            opcode: OpCode::from(opcode),
-            mask: Some(mask),
-            ..FrameHeader::default()
-        };
-        let mut out = Vec::new();
-        header.format(payload.len() as u64, &mut out).unwrap();
-        let mut body = payload.to_vec();
-        unmask(&mut body, mask);
-        out.extend_from_slice(&body);
-        out
-    }
+    use super::encode_client_frame as client_frame;
 
     #[test]
     fn payload_of_skips_every_header_form() {
