@@ -1,10 +1,13 @@
-//! Signatures (reference §4): lowercase hex HMAC-SHA256 with the app secret, compared in constant time.
+//! Signatures (reference §4): lowercase hex HMAC-SHA256 with the app secret, compared in
+//! constant time. Used by subscription and sign-in tokens and by `http::signature`.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The signature of `message` under `secret`, as lowercase hex: what client auth tokens and
+/// HTTP API requests carry.
 pub fn hmac_sha256_hex(secret: &[u8], message: &[u8]) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
@@ -12,11 +15,13 @@ pub fn hmac_sha256_hex(secret: &[u8], message: &[u8]) -> String {
     to_hex(&mac.finalize().into_bytes())
 }
 
+/// The lowercase hex MD5 of an HTTP request body, for the signed `body_md5` parameter.
 pub fn md5_hex(body: &[u8]) -> String {
     use md5::{Digest, Md5};
     to_hex(&Md5::digest(body))
 }
 
+/// Lowercase hex, two digits per byte.
 pub fn to_hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);

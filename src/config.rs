@@ -4,11 +4,14 @@
 use serde::Deserialize;
 use std::fmt;
 
+/// The server's whole configuration, built once by `Config::load` at startup and shared
+/// read-only by every shard. Field names are the TOML keys; unknown keys are an error.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Listen address (WebSocket and HTTP API on one port).
     pub host: String,
+    /// Listen port for WebSocket and the HTTP API; 0 = any free port.
     pub port: u16,
     /// Optional second port that serves only the HTTP API.
     pub api_port: Option<u16>,
@@ -36,28 +39,45 @@ pub struct Config {
     /// Bytes of incomplete WebSocket messages held for all connections together; beyond, the
     /// connections that have held one longest are closed with 1008.
     pub max_partial_message_bytes: usize,
-    /// Accept connections that send no `protocol` parameter (treated as 7). Strict mode answers 4008.
+    /// Accept connections that send no `protocol` parameter (treated as 7). Strict mode answers
+    /// 4008.
     pub allow_missing_protocol: bool,
+    /// The apps served (`[[apps]]` tables); with none configured, the development app `DEV_APP`.
     pub apps: Vec<AppConfig>,
 }
 
+/// One app's credentials, switches and limits (an `[[apps]]` table). Each WebSocket connection
+/// and each HTTP API request is for one app, found by key or id.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AppConfig {
+    /// Identifies the app in HTTP API paths (`/apps/{id}/...`).
     pub id: String,
+    /// Public key: in WebSocket paths (`/app/{key}`) and before the `:` of client auth tokens.
     pub key: String,
+    /// Signs client auth tokens and HTTP API requests; never sent anywhere.
     pub secret: String,
+    /// When off, WebSocket connections are refused with 4003 and HTTP API requests with 403.
     pub enabled: bool,
     /// Concurrent connections for this app; 0 = no limit.
     pub max_connections: u32,
+    /// Accept `client-*` events from connections (on private and presence channels).
     pub enable_client_messages: bool,
+    /// Client events one connection may send per second; beyond, they are refused with 4301.
     pub max_client_events_per_second: u32,
+    /// Distinct users a presence channel may hold; a new user beyond it is refused.
     pub max_presence_members: u32,
+    /// Largest `user_info` of one presence member, in bytes.
     pub max_presence_member_size_bytes: u32,
+    /// Largest event `data` in bytes, from the HTTP API or a client event.
     pub max_event_payload_bytes: u32,
+    /// Longest channel name in characters (1-200).
     pub max_channel_name_length: u32,
+    /// Longest event name in bytes, for HTTP and client events.
     pub max_event_name_length: u32,
+    /// Channels one HTTP publish may name.
     pub max_event_channels_at_once: u32,
+    /// Events in one HTTP batch publish (`/batch_events`).
     pub max_event_batch_size: u32,
     /// `pusher:signin` (user authentication, `#server-to-user-` events, terminate).
     pub enable_user_authentication: bool,
@@ -142,8 +162,11 @@ impl Default for AppConfig {
 /// A configuration problem: where it came from, which key, and why.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError {
+    /// "command line", "environment", or the configuration file's path.
     pub source: String,
+    /// The offending key, option or variable (for TOML syntax errors, the line).
     pub key: String,
+    /// What is wrong with its value.
     pub reason: String,
 }
 
@@ -165,20 +188,30 @@ fn err(source: &str, key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Id, key and secret of the development app, served when no app is configured at all.
+/// Public knowledge, so startup warns when it is the only app.
 pub const DEV_APP: (&str, &str, &str) = ("app-id", "app-key", "app-secret");
 
 /// What the command line asked for.
 #[derive(Debug, Default)]
 pub struct Cli {
+    /// `-c`/`--config`: the TOML file to read.
     pub config_file: Option<String>,
+    /// `--host`: overrides the file and `SHARDPUSH_HOST`.
     pub host: Option<String>,
+    /// `-p`/`--port`: overrides the file and `SHARDPUSH_PORT`.
     pub port: Option<u16>,
+    /// `--api-port`: a second port serving only the HTTP API.
     pub api_port: Option<u16>,
+    /// `--shards`: overrides the file and `SHARDPUSH_SHARDS`.
     pub shards: Option<usize>,
+    /// `-h`/`--help`: print `HELP` and exit.
     pub help: bool,
+    /// `-V`/`--version`: print the version and exit.
     pub version: bool,
 }
 
+/// The `--help` text, printed by `main`.
 pub const HELP: &str = "\
 shardpush: a Pusher Channels protocol server (WebSocket protocol 7 + HTTP API), thread-per-core.
 
@@ -201,6 +234,8 @@ ENVIRONMENT:
 ";
 
 impl Cli {
+    /// Parses the arguments (without the program name); `--flag=value` and `--flag value` both
+    /// work. Unknown options and bad numbers are errors; nothing is validated further here.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError> {
         let mut cli = Cli::default();
         let mut args = args.into_iter();
@@ -318,6 +353,8 @@ impl Config {
         Ok(config)
     }
 
+    /// Parses TOML text over the defaults (no validation; `load` does that). `source` names the
+    /// file in errors, which give the line of the problem.
     pub fn from_toml(text: &str, source: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| {
             let message = e.message().to_owned();
@@ -453,6 +490,7 @@ impl Config {
         Ok(())
     }
 
+    /// Whether the only app is the development app with its public secret, so startup can warn.
     pub fn is_dev_app_only(&self) -> bool {
         self.apps.len() == 1 && self.apps[0].id == DEV_APP.0 && self.apps[0].secret == DEV_APP.2
     }

@@ -11,12 +11,15 @@ struct Cached {
     expires: Instant,
 }
 
+/// The last event of each cache channel homed on this shard, owned by the shard (`Shard::cache`)
+/// and used only on its home side: stored on publish, read on subscribe and by the HTTP API.
 #[derive(Default)]
 pub struct ChannelCache {
     entries: AHashMap<ChannelKey, Cached>,
 }
 
 impl ChannelCache {
+    /// Keeps `frame` as the channel's last event for `ttl` from `now`, replacing any earlier one.
     pub fn store(&mut self, key: &ChannelKey, frame: Arc<[u8]>, ttl: Duration, now: Instant) {
         let entry = Cached {
             frame,
@@ -38,15 +41,18 @@ impl ChannelCache {
             .map(|c| (&c.frame, c.expires - now))
     }
 
-    /// Drops expired entries (memory is bounded by the TTL, not by reads).
+    /// Drops expired entries (memory is bounded by the TTL, not by reads); the shard's sweeper
+    /// calls it once a minute.
     pub fn purge(&mut self, now: Instant) {
         self.entries.retain(|_, c| c.expires > now);
     }
 
+    /// Channels with an entry, live or expired but not yet purged.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether no channel has an entry.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -4,6 +4,8 @@
 use super::ChannelKey;
 use ahash::AHashMap;
 
+/// Watchers per shard of each user homed on this shard, owned by the shard (`Shard::watchers`)
+/// and changed only by watch/unwatch messages from the shards where the watchers are.
 pub struct WatchCounts {
     shards: usize,
     /// The watched user's `#server-to-user-` key -> watchers per shard.
@@ -11,6 +13,7 @@ pub struct WatchCounts {
 }
 
 impl WatchCounts {
+    /// An empty registry for a server of `shards` shards.
     pub fn new(shards: usize) -> WatchCounts {
         WatchCounts {
             shards,
@@ -18,6 +21,7 @@ impl WatchCounts {
         }
     }
 
+    /// One more connection on `shard` watches the user `key`.
     pub fn watch(&mut self, key: &ChannelKey, shard: usize) {
         let shards = self.shards;
         self.watched
@@ -25,6 +29,7 @@ impl WatchCounts {
             .or_insert_with(|| vec![0; shards])[shard] += 1;
     }
 
+    /// One fewer connection on `shard` watches the user; a user nobody watches is forgotten.
     pub fn unwatch(&mut self, key: &ChannelKey, shard: usize) {
         if let Some(counts) = self.watched.get_mut(key) {
             counts[shard] = counts[shard].saturating_sub(1);
@@ -46,10 +51,12 @@ impl WatchCounts {
         })
     }
 
+    /// Users watched by at least one connection.
     pub fn len(&self) -> usize {
         self.watched.len()
     }
 
+    /// Whether no user is watched.
     pub fn is_empty(&self) -> bool {
         self.watched.is_empty()
     }

@@ -6,6 +6,8 @@ use crate::auth::{constant_time_eq, hmac_sha256_hex, md5_hex};
 /// Decoded query pairs in their original order (duplicates kept).
 pub type Query = Vec<(String, String)>;
 
+/// How far `auth_timestamp` may be from the server's clock, either way, before a request is
+/// refused as expired (bounds how long a captured request can be replayed).
 pub const TIMESTAMP_WINDOW_SECS: i64 = 600;
 const MD5_OF_EMPTY: &str = "d41d8cd98f00b204e9800998ecf8427e";
 
@@ -20,6 +22,8 @@ pub fn parse_query(raw: &str) -> Query {
         .collect()
 }
 
+/// Decodes `%XX` escapes and `+` (a space); a malformed escape is kept as written, and bytes
+/// that are not UTF-8 become U+FFFD.
 pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -45,6 +49,7 @@ fn hex_val(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
+/// The first value of `key` (case-insensitive). Also reads the WebSocket path's `protocol`.
 pub fn get<'a>(query: &'a Query, key: &str) -> Option<&'a str> {
     query
         .iter()
@@ -72,6 +77,7 @@ pub fn canonical_query(query: &Query) -> String {
     out
 }
 
+/// The text an HTTP API request is signed over: `METHOD\npath\ncanonical query`.
 pub fn string_to_sign(method: &str, path: &str, query: &Query) -> String {
     format!(
         "{}\n{}\n{}",

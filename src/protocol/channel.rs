@@ -4,17 +4,25 @@
 /// `private-encrypted-` before `private-`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChannelKind {
+    /// No prefix: anyone may subscribe without a signature.
     Public,
+    /// `private-`: subscribing needs a signature; client events allowed.
     Private,
+    /// `private-encrypted-`: signed like `private-`; clients encrypt the data end to end, so the
+    /// server never sees plaintext and refuses client events.
     PrivateEncrypted,
+    /// `presence-`: signed, with `channel_data` naming the member; the home shard keeps members.
     Presence,
     /// `#server-to-user-{id}`: reserved for events addressed to a signed-in user.
     ServerToUser,
 }
 
+/// Prefix of the channel that stands for a signed-in user (`channels::ChannelKey::user`); only
+/// a connection signed in as that user may subscribe to it.
 pub const SERVER_TO_USER_PREFIX: &str = "#server-to-user-";
 
 impl ChannelKind {
+    /// Classifies a channel name by its prefix alone; never fails (no prefix is `Public`).
     pub fn of(name: &str) -> ChannelKind {
         if name.starts_with("private-encrypted-") {
             ChannelKind::PrivateEncrypted

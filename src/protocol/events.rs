@@ -55,6 +55,8 @@ pub fn frame(event: &str, channel: Option<&str>, data: Data<'_>, user_id: Option
     text_frame(&envelope(event, channel, data, user_id))
 }
 
+/// The first frame on every WebSocket: the socket id and the `activity_timeout` (seconds of
+/// silence before the client should ping).
 pub fn connection_established(socket_id: &str, activity_timeout: u32) -> Vec<u8> {
     let data = format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout}}}");
     frame(
@@ -80,10 +82,12 @@ pub fn error(code: Option<u16>, message: &str) -> Vec<u8> {
     frame("pusher:error", None, Data::Raw(&data), None)
 }
 
+/// `pusher:pong`, the reply to a client's `pusher:ping` (a protocol-level, not WebSocket, ping).
 pub fn pong() -> Vec<u8> {
     frame("pusher:pong", None, Data::Text("{}"), None)
 }
 
+/// Confirms a subscription. `data` is `{}`, or for presence the member list the home shard built.
 pub fn subscription_succeeded(channel: &str, data: &str) -> Vec<u8> {
     frame(
         "pusher_internal:subscription_succeeded",
@@ -93,6 +97,8 @@ pub fn subscription_succeeded(channel: &str, data: &str) -> Vec<u8> {
     )
 }
 
+/// Tells a presence channel's other members that a user's first socket joined.
+/// `user_info_json` must already be compact JSON (it is written verbatim).
 pub fn member_added(channel: &str, user_id: &str, user_info_json: &str) -> Vec<u8> {
     let mut data = Vec::with_capacity(32 + user_id.len() + user_info_json.len());
     data.extend_from_slice(b"{\"user_id\":");
@@ -109,6 +115,7 @@ pub fn member_added(channel: &str, user_id: &str, user_info_json: &str) -> Vec<u
     )
 }
 
+/// Tells a presence channel's members that a user's last socket left.
 pub fn member_removed(channel: &str, user_id: &str) -> Vec<u8> {
     let mut data = Vec::with_capacity(16 + user_id.len());
     data.extend_from_slice(b"{\"user_id\":");
@@ -133,7 +140,8 @@ pub fn signin_success(user_data: &str) -> Vec<u8> {
     frame("pusher:signin_success", None, Data::Raw(&data), None)
 }
 
-/// `pusher_internal:watchlist_events` with an `online` and an `offline` entry, empty ones left out.
+/// `pusher_internal:watchlist_events` with an `online` and an `offline` entry, empty ones left
+/// out.
 pub fn watchlist_events<'a>(
     online: impl Iterator<Item = &'a str>,
     offline: impl Iterator<Item = &'a str>,
@@ -176,6 +184,7 @@ pub fn cache_miss(channel: &str) -> Vec<u8> {
     frame("pusher:cache_miss", Some(channel), Data::Text("{}"), None)
 }
 
+/// `pusher_internal:subscription_count` for apps with `enable_subscription_count`.
 pub fn subscription_count(channel: &str, count: u32) -> Vec<u8> {
     let data = format!("{{\"subscription_count\":{count}}}");
     frame(
@@ -189,17 +198,23 @@ pub fn subscription_count(channel: &str, count: u32) -> Vec<u8> {
 /// One message from a client. Strings borrow from the frame when they hold no escapes.
 #[derive(Deserialize)]
 pub struct ClientMessage<'a> {
+    /// `pusher:*` for protocol messages, `client-*` for client events.
     #[serde(borrow)]
     pub event: Cow<'a, str>,
+    /// Set on client events; protocol messages name their channel inside `data`.
     #[serde(borrow, default)]
     pub channel: Option<Cow<'a, str>>,
+    /// Left unparsed: client events forward it as received, `pusher:*` handlers decode it.
     #[serde(borrow, default)]
     pub data: Option<LazyValue<'a>>,
 }
 
+/// The `data` of `pusher:subscribe`.
 #[derive(Deserialize)]
 pub struct SubscribeData {
+    /// The channel to join.
     pub channel: String,
+    /// `"<app_key>:<signature>"` from the app's auth endpoint; needed for private and presence.
     #[serde(default)]
     pub auth: Option<String>,
     /// Kept as the exact decoded string: it is part of the signed text.
@@ -207,13 +222,17 @@ pub struct SubscribeData {
     pub channel_data: Option<String>,
 }
 
+/// The `data` of `pusher:unsubscribe`.
 #[derive(Deserialize)]
 pub struct UnsubscribeData {
+    /// The channel to leave.
     pub channel: String,
 }
 
+/// The `data` of `pusher:signin`.
 #[derive(Deserialize)]
 pub struct SigninData {
+    /// `"<app_key>:<signature>"` over `"<socket_id>::user::<user_data>"`.
     #[serde(default)]
     pub auth: Option<String>,
     /// Kept as the exact decoded string: it is part of the signed text.
@@ -221,14 +240,18 @@ pub struct SigninData {
     pub user_data: Option<String>,
 }
 
-/// The sign-in `user_data`: `id` (string, or a number taken as its text), `user_info`, `watchlist`.
+/// The sign-in `user_data`: `id` (string, or a number taken as its text), `user_info`,
+/// `watchlist`.
 pub struct UserData {
+    /// The user id; the connection joins `#server-to-user-{id}`.
     pub id: String,
     /// Compact JSON of `user_info`, `null` when absent.
     pub info: String,
+    /// Ids of users whose online status this connection wants (`watchlist_events`).
     pub watchlist: Vec<String>,
 }
 
+/// Parses the sign-in `user_data`, depth-checked first; the error is the text sent to the client.
 pub fn parse_user_data(text: &str) -> Result<UserData, &'static str> {
     check_depth(text.as_bytes(), MAX_JSON_DEPTH).map_err(|_| "user_data is nested too deeply")?;
     let value: LazyValue<'_> =
@@ -274,11 +297,14 @@ fn user_id_text(value: &LazyValue<'_>) -> Option<String> {
 
 /// Presence `channel_data`: `user_id` may be a string or a number; `user_info` any JSON.
 pub struct PresenceMember {
+    /// The member's id as text; one member per id, however many sockets share it.
     pub user_id: String,
     /// Compact JSON of `user_info`, `null` when absent.
     pub user_info: String,
 }
 
+/// Parses a presence subscription's `channel_data`, depth-checked first; the error is the text
+/// sent to the client.
 pub fn parse_channel_data(text: &str) -> Result<PresenceMember, &'static str> {
     check_depth(text.as_bytes(), MAX_JSON_DEPTH)
         .map_err(|_| "channel_data is nested too deeply")?;

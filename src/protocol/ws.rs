@@ -7,10 +7,15 @@ use std::io::Cursor;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
+/// Opcode of a text frame: every Pusher message (JSON) travels in one.
 pub const OP_TEXT: u8 = 0x1;
+/// Opcode of a binary frame: not part of the Pusher protocol, answered with an error.
 pub const OP_BINARY: u8 = 0x2;
+/// Opcode of a close frame (a 2-byte code and an optional UTF-8 reason).
 pub const OP_CLOSE: u8 = 0x8;
+/// Opcode of a WebSocket ping, which the sweeper sends to sockets silent too long.
 pub const OP_PING: u8 = 0x9;
+/// Opcode of a WebSocket pong: the reply to a ping, echoing its payload.
 pub const OP_PONG: u8 = 0xA;
 
 /// Encodes one unmasked, final server frame.
@@ -54,6 +59,7 @@ pub fn encode_client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A server text frame around one JSON message; `events` wraps every envelope with it.
 pub fn text_frame(json: &[u8]) -> Vec<u8> {
     encode_frame(OP_TEXT, json)
 }
@@ -92,7 +98,9 @@ pub enum Inbound {
     Text(Vec<u8>),
     /// A complete binary message: not part of the Pusher protocol.
     Binary,
+    /// A ping with its payload, to be echoed back in a pong.
     Ping(Vec<u8>),
+    /// A pong (its payload is dropped); like any input, it shows the peer is alive.
     Pong,
     /// Close frame with the peer's code, if any (a valid one: others are a `Violation`).
     Close(Option<u16>),
@@ -101,7 +109,9 @@ pub enum Inbound {
     /// The peer broke RFC 6455: close with `code` (1002 protocol error, 1007 invalid UTF-8).
     /// The reader has discarded what it held and ignores everything received after this.
     Violation {
+        /// The close code to send: `PROTOCOL_ERROR` or `INVALID_UTF8`.
         code: u16,
+        /// What was wrong, for the close frame's reason.
         reason: &'static str,
     },
 }
@@ -123,6 +133,8 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// A reader that starts with `initial`: bytes already received after the upgrade request's
+    /// head (usually none).
     pub fn new(initial: Vec<u8>) -> FrameReader {
         FrameReader {
             buf: initial,
