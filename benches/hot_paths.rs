@@ -7,16 +7,15 @@ use shardpush::auth::{hmac_sha256_hex, md5_hex, verify_token};
 use shardpush::channels::home::HomeChannels;
 use shardpush::channels::local::LocalChannels;
 use shardpush::channels::ChannelKey;
-use shardpush::config::{AppConfig, Config};
+use shardpush::config::Config;
 use shardpush::http::signature::{parse_query, verify};
-use shardpush::protocol::events::{self, ClientMessage, Data};
+use shardpush::protocol::events::{self, ClientMessage, Data, PresenceMember};
 use shardpush::protocol::json::{check_depth, str_literal, MAX_JSON_DEPTH};
 use shardpush::protocol::ws::{self, FrameReader, Inbound};
 use shardpush::shard::conn::Conn;
-use shardpush::shard::{Shard, Shared};
+use shardpush::shard::fanout::Fanout;
 use std::hint::black_box;
 use std::rc::Rc;
-use std::sync::Arc;
 
 fn payload_100() -> String {
     str_literal(&"x".repeat(98))
@@ -174,20 +173,14 @@ fn channel_tables(c: &mut Criterion) {
 
 fn fanout(c: &mut Criterion) {
     const SUBSCRIBERS: u64 = 10_000;
-    let mut config = Config::default();
-    config.apps.push(AppConfig {
-        id: "1".into(),
-        key: "k".into(),
-        secret: "s".into(),
-        ..AppConfig::default()
-    });
-    let shard = Shard::new(0, Arc::new(Shared::new(config, 1)));
+    let max_queued = Config::default().max_outbound_queue_bytes;
+    let fanout = Fanout::default();
     let key = ChannelKey::new(0, "fanout");
     let conns: Vec<Rc<Conn>> = (0..SUBSCRIBERS)
         .map(|i| Rc::new(Conn::new(i, 0, 0, 10.0)))
         .collect();
     for conn in &conns {
-        shard.local.borrow_mut().add(key.clone(), conn.clone());
+        fanout.add(key.clone(), conn.clone());
     }
     let frame: Rc<[u8]> = Rc::from(events::frame(
         "e",
@@ -203,7 +196,7 @@ fn fanout(c: &mut Criterion) {
             b.iter_batched(
                 || (),
                 |_| {
-                    shard.deliver_local(&key, frame.clone(), None);
+                    fanout.deliver(&key, frame.clone(), None, max_queued);
                     // Empty the queues as a write would, outside the measured loop's allocation.
                     for conn in &conns {
                         conn.consume(conn.queued_bytes());
@@ -221,7 +214,11 @@ fn presence_json(c: &mut Criterion) {
     let key = ChannelKey::new(0, "presence-room");
     for i in 0..100 {
         let info = format!("{{\"name\":\"User {i}\",\"avatar\":\"https://example.com/{i}.png\"}}");
-        h.join(&key, 0, Some((&i.to_string(), &info)), 100).unwrap();
+        let member = PresenceMember {
+            user_id: i.to_string(),
+            user_info: info,
+        };
+        h.join(&key, 0, Some(&member), 100).unwrap();
     }
     let channel = h.get(&key).unwrap();
     c.bench_function(

@@ -18,3 +18,4 @@ pub mod log;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod websocket;

@@ -5,7 +5,8 @@ use crate::config::Config;
 use crate::http;
 use crate::shard::deadline::DeadlineGuard;
 use crate::shard::messages::ShardMsg;
-use crate::shard::{contain, session, Shard, Shared};
+use crate::shard::{contain, Node, Shard};
+use crate::websocket;
 use futures_lite::io::AsyncWriteExt;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::{TcpListener, TcpStream};
@@ -91,13 +92,13 @@ pub fn run(config: Config) -> io::Result<()> {
         .iter()
         .map(|a| format!("{} (key {})", a.id, a.key))
         .collect();
-    let shared = Arc::new(Shared::new(config, shards));
+    let node = Arc::new(Node::new(config, shards));
 
-    contain::install_panic_hook(shared.clone());
+    contain::install_panic_hook(node.clone());
     // Blocked here, so that every executor thread started below inherits the mask and only the
     // signal thread ever receives them: a signal never interrupts an executor's io_uring wait.
     let signals = block_shutdown_signals()?;
-    let for_signals = shared.clone();
+    let for_signals = node.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || wait_for_signals(signals, &for_signals))?;
@@ -107,11 +108,11 @@ pub fn run(config: Config) -> io::Result<()> {
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
     let mut handles = Vec::with_capacity(shards);
     for id in 0..shards {
-        let (shared, mesh, ready) = (shared.clone(), mesh.clone(), ready_tx.clone());
+        let (node, mesh, ready) = (node.clone(), mesh.clone(), ready_tx.clone());
         let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("shard-{id}"))
             .ring_depth(RING_DEPTH)
-            .spawn(move || async move { run_shard(id, shared, mesh, addr, api_addr, ready).await })
+            .spawn(move || async move { run_shard(id, node, mesh, addr, api_addr, ready).await })
             .map_err(|e| io::Error::other(format!("cannot start shard {id}: {e}")))?;
         handles.push(handle);
     }
@@ -138,8 +139,8 @@ pub fn run(config: Config) -> io::Result<()> {
     for handle in handles {
         let _ = handle.join();
     }
-    let slow = shared.slow_consumer_closes.load(Ordering::Relaxed);
-    let panics = shared.contained_panics.load(Ordering::Relaxed);
+    let slow = node.slow_consumer_closes.load(Ordering::Relaxed);
+    let panics = node.contained_panics.load(Ordering::Relaxed);
     crate::log_info!(
         "shardpush stopped ({slow} slow-consumer disconnects, {panics} connection handler panics)"
     );
@@ -166,17 +167,17 @@ fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
 /// at once. `sigwait` takes pending signals too, so none sent before this thread runs is lost.
 /// The drain's deadline is kept here, on the OS clock, and the shards are woken directly, so a
 /// shutdown never depends on an executor's timers.
-fn wait_for_signals(set: libc::sigset_t, shared: &Shared) {
+fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     let drain = Duration::from_secs(crate::shard::conn::CLOSE_GRACE_SECS as u64 + 1);
     let first = next_signal(&set, None).unwrap_or(0);
-    shared.shutdown.store(true, Ordering::Release);
-    shared.wake_shards();
+    node.shutdown.store(true, Ordering::Release);
+    node.wake_shards();
     crate::log_warn!("signal {first} received, closing connections (4200) and stopping");
     if let Some(second) = next_signal(&set, Some(drain)) {
         exit_now(second);
     }
-    shared.drain_over.store(true, Ordering::Release);
-    shared.wake_shards();
+    node.drain_over.store(true, Ordering::Release);
+    node.wake_shards();
     // The shards stop within moments of the drain's end; if the process is still here much later
     // something is stuck, and a supervisor is better served by an exit than by a hang.
     match next_signal(&set, Some(Duration::from_secs(10))) {
@@ -230,13 +231,13 @@ fn exit_now(signal: i32) -> ! {
 
 async fn run_shard(
     id: usize,
-    shared: Arc<Shared>,
+    node: Arc<Node>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     addr: SocketAddr,
     api_addr: Option<SocketAddr>,
     ready: mpsc::Sender<io::Result<()>>,
 ) {
-    let shard = Rc::new(Shard::new(id, shared.clone()));
+    let shard = Rc::new(Shard::new(id, node.clone()));
     let (senders, receivers) = match mesh.join().await {
         Ok(pair) => pair,
         Err(e) => {
@@ -246,10 +247,8 @@ async fn run_shard(
             return;
         }
     };
-    let senders = Rc::new(senders);
     let receivers = Rc::new(receivers);
-    for peer in (0..shared.shards).filter(|&p| p != id) {
-        glommio::spawn_local(shard.clone().pump(senders.clone(), peer)).detach();
+    for peer in (0..node.shards).filter(|&p| p != id) {
         let (shard, receivers) = (shard.clone(), receivers.clone());
         glommio::spawn_local(async move {
             while let Ok(Some(msg)) = receivers.recv_from(peer).await {
@@ -273,30 +272,28 @@ async fn run_shard(
             return;
         }
     };
-    glommio::spawn_local(shard.clone().sweep()).detach();
-    glommio::spawn_local(shard.clone().flusher()).detach();
+    shard.start(Rc::new(senders));
     let mut accepts = Vec::new();
     for (slot, listener) in listeners.into_iter().enumerate() {
         let api_only = slot == 1;
         accepts.push(glommio::spawn_local(accept_loop(
             shard.clone(),
             listener,
-            slot,
             api_only,
         )));
     }
     let _ = ready.send(Ok(()));
     shard.lifecycle().await;
-    // The listeners stopped when shutdown began.
+    // The listeners stopped when the drain began.
     for accept in accepts {
         accept.await;
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, slot: usize, api_only: bool) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, api_only: bool) {
     loop {
         let next = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.shutdown_signal(slot).await;
+            shard.draining().await;
             None
         })
         .await;
@@ -307,7 +304,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, slot: usize, api_o
             }
             Some(Err(e)) => {
                 // Out of file descriptors, usually: back off instead of spinning.
-                crate::log_warn!("shard {}: accept failed: {e}", shard.id);
+                crate::log_warn!("shard {}: accept failed: {e}", shard.id());
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -315,9 +312,9 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, slot: usize, api_o
 }
 
 async fn serve_socket(shard: Rc<Shard>, stream: TcpStream, api_only: bool) {
-    let shared = shard.shared.clone();
-    let in_progress = shared.pending_connections.fetch_add(1, Ordering::Relaxed);
-    let pending = PendingGuard(&shared);
+    let node = shard.node().clone();
+    let in_progress = node.pending_connections.fetch_add(1, Ordering::Relaxed);
+    let pending = PendingGuard(&node);
     // A panic while serving this socket ends this socket only.
     let _ = contain::contain(serve_new_socket(
         shard,
@@ -330,7 +327,7 @@ async fn serve_socket(shard: Rc<Shard>, stream: TcpStream, api_only: bool) {
 }
 
 /// Uncounts a socket from `pending_connections` once its first request head is in (or never).
-struct PendingGuard<'a>(&'a Shared);
+struct PendingGuard<'a>(&'a Node);
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
@@ -346,7 +343,7 @@ async fn serve_new_socket(
     pending: PendingGuard<'_>,
 ) {
     let _ = stream.set_nodelay(true);
-    let config = &shard.shared.config;
+    let config = &shard.node().config;
     if in_progress >= config.max_pending_connections {
         let message = "Too many connections are being opened at once; retry shortly";
         let _ = stream.write_all(&http::error_response(503, message)).await;
@@ -367,7 +364,7 @@ async fn serve_new_socket(
     // The HTTP path is boxed so that its state does not enlarge every WebSocket task.
     if head.is_websocket_upgrade() && !api_only {
         drop(deadline);
-        session::run(shard, stream, head, buf).await;
+        websocket::run(shard, stream, head, buf).await;
     } else {
         Box::pin(http::serve(shard, stream, buf, head, deadline)).await;
     }

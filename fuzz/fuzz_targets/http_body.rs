@@ -19,7 +19,7 @@ use shardpush::config::{AppConfig, Config};
 use shardpush::http::api::parse_events;
 use shardpush::protocol::events::{self, Data};
 use shardpush::protocol::json;
-use shardpush::shard::Shared;
+use shardpush::shard::Node;
 use shardpush_fuzz::{
     assert_check_depth_agrees, assert_check_depth_bounds_parser, is_json, on_small_stack,
 };
@@ -27,9 +27,9 @@ use sonic_rs::LazyValue;
 use std::sync::OnceLock;
 
 /// The server state `parse_events` reads (app limits, socket ids): the development app.
-fn shared() -> &'static Shared {
-    static SHARED: OnceLock<Shared> = OnceLock::new();
-    SHARED.get_or_init(|| {
+fn node() -> &'static Node {
+    static NODE: OnceLock<Node> = OnceLock::new();
+    NODE.get_or_init(|| {
         let mut config = Config::default();
         config.apps.push(AppConfig {
             id: "app-id".into(),
@@ -37,7 +37,7 @@ fn shared() -> &'static Shared {
             secret: "app-secret".into(),
             ..AppConfig::default()
         });
-        Shared::new(config, 2)
+        Node::new(config, 2)
     })
 }
 
@@ -46,8 +46,8 @@ fn parse_body(input: &[u8]) {
         Some((&selector, body)) => (selector & 1 == 1, body),
         None => return,
     };
-    let shared = shared();
-    match parse_events(shared, shared.app(0), body, batch) {
+    let node = node();
+    match parse_events(node, node.app(0), body, batch) {
         Ok(events) => {
             for event in &events {
                 for channel in &event.channels {
@@ -59,17 +59,14 @@ fn parse_body(input: &[u8]) {
                 }
             }
         }
-        Err(reply) => {
+        Err(error) => {
             assert!(
-                (400..500).contains(&reply.status),
+                (400..500).contains(&error.status),
                 "refused with {}",
-                reply.status
+                error.status
             );
-            assert!(
-                is_json(&reply.body),
-                "error body is not JSON: {:?}",
-                reply.body
-            );
+            let body = error.body();
+            assert!(is_json(&body), "error body is not JSON: {body:?}");
         }
     }
     // The deprecated endpoint: the body is the event data, as text.

@@ -2,21 +2,28 @@
 //! shards that have subscribers, and to answer the HTTP API exactly) and presence members.
 
 use super::ChannelKey;
+use crate::protocol::events::PresenceMember;
 use crate::protocol::json::push_str_literal;
 use ahash::AHashMap;
 
+/// A user in a presence channel, however many of their sockets joined it.
 pub struct Member {
+    /// The presence `user_id`.
+    pub user_id: String,
     /// Compact JSON of the first socket's `user_info` (kept until that user leaves).
-    pub info: String,
+    pub user_info: String,
+    /// The user's sockets in the channel, on all shards.
     pub sockets: u32,
 }
 
+/// One channel as its home shard counts it. Owned by the home shard's `HomeChannels`.
 pub struct HomeChannel {
     /// Subscribed sockets on each shard.
     pub per_shard: Vec<u32>,
+    /// Subscribed sockets on all shards.
     pub total: u32,
-    /// Presence channels only: user id -> member, in join order.
-    pub members: Option<Vec<(String, Member)>>,
+    /// Presence channels only: the members, in join order.
+    pub members: Option<Vec<Member>>,
     /// When `pusher_internal:subscription_count` last went out, and whether a change since then
     /// is waiting for the throttle (busy channels get it at most every few seconds).
     pub count_sent: Option<std::time::Instant>,
@@ -42,6 +49,7 @@ impl HomeChannel {
         }
     }
 
+    /// Distinct users in a presence channel (0 for other channels).
     pub fn user_count(&self) -> u32 {
         self.members.as_ref().map_or(0, |m| m.len() as u32)
     }
@@ -60,32 +68,34 @@ impl HomeChannel {
         let members = self.members.as_deref().unwrap_or(&[]);
         let mut out = Vec::with_capacity(40 + members.len() * 32);
         out.extend_from_slice(b"{\"presence\":{\"ids\":[");
-        for (i, (id, _)) in members.iter().enumerate() {
+        for (i, member) in members.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            push_str_literal(&mut out, id);
+            push_str_literal(&mut out, &member.user_id);
         }
         out.extend_from_slice(b"],\"hash\":{");
-        for (i, (id, m)) in members.iter().enumerate() {
+        for (i, member) in members.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            push_str_literal(&mut out, id);
+            push_str_literal(&mut out, &member.user_id);
             out.push(b':');
-            out.extend_from_slice(m.info.as_bytes());
+            out.extend_from_slice(member.user_info.as_bytes());
         }
         out.extend_from_slice(format!("}},\"count\":{}}}}}", members.len()).as_bytes());
         String::from_utf8(out).unwrap_or_default()
     }
 }
 
+/// Every channel homed on one shard that has subscribers anywhere. Owned by that shard.
 pub struct HomeChannels {
     shards: usize,
     channels: AHashMap<ChannelKey, HomeChannel>,
 }
 
 impl HomeChannels {
+    /// An empty table for a process of `shards` shards.
     pub fn new(shards: usize) -> HomeChannels {
         HomeChannels {
             shards,
@@ -93,21 +103,23 @@ impl HomeChannels {
         }
     }
 
+    /// The channel, if it has subscribers.
     pub fn get(&self, key: &ChannelKey) -> Option<&HomeChannel> {
         self.channels.get(key)
     }
 
+    /// The channel, if it has subscribers, for changing its throttle state.
     pub fn get_mut(&mut self, key: &ChannelKey) -> Option<&mut HomeChannel> {
         self.channels.get_mut(key)
     }
 
-    /// Counts a socket from `shard`. For presence, `member` is (user id, user_info JSON) and
+    /// Counts a socket from `shard`. For presence, `member` is the socket's user and
     /// `max_members` caps distinct users: a new user over the cap is refused.
     pub fn join(
         &mut self,
         key: &ChannelKey,
         shard: usize,
-        member: Option<(&str, &str)>,
+        member: Option<&PresenceMember>,
         max_members: u32,
     ) -> Result<Joined, String> {
         let shards = self.shards;
@@ -116,10 +128,10 @@ impl HomeChannels {
             .entry(key.clone())
             .or_insert_with(|| HomeChannel::new(shards));
         let mut joined = Joined::Socket;
-        if let Some((user_id, info)) = member {
+        if let Some(joining) = member {
             let members = channel.members.get_or_insert_with(Vec::new);
-            match members.iter_mut().find(|(id, _)| id == user_id) {
-                Some((_, m)) => m.sockets += 1,
+            match members.iter_mut().find(|m| m.user_id == joining.user_id) {
+                Some(m) => m.sockets += 1,
                 None => {
                     if members.len() as u32 >= max_members {
                         if channel.total == 0 {
@@ -130,13 +142,11 @@ impl HomeChannels {
                             key.name
                         ));
                     }
-                    members.push((
-                        user_id.to_owned(),
-                        Member {
-                            info: info.to_owned(),
-                            sockets: 1,
-                        },
-                    ));
+                    members.push(Member {
+                        user_id: joining.user_id.clone(),
+                        user_info: joining.user_info.clone(),
+                        sockets: 1,
+                    });
                     joined = Joined::NewMember;
                 }
             }
@@ -155,9 +165,9 @@ impl HomeChannels {
         channel.total = channel.total.saturating_sub(1);
         let mut last = false;
         if let (Some(user_id), Some(members)) = (user_id, channel.members.as_mut()) {
-            if let Some(i) = members.iter().position(|(id, _)| id == user_id) {
-                members[i].1.sockets -= 1;
-                if members[i].1.sockets == 0 {
+            if let Some(i) = members.iter().position(|m| m.user_id == user_id) {
+                members[i].sockets -= 1;
+                if members[i].sockets == 0 {
                     members.remove(i);
                     last = true;
                 }
@@ -180,10 +190,12 @@ impl HomeChannels {
             .filter(move |(k, c)| k.app == app && c.total > 0 && k.name.starts_with(prefix))
     }
 
+    /// Channels homed here that have subscribers.
     pub fn len(&self) -> usize {
         self.channels.len()
     }
 
+    /// No channel homed here has subscribers.
     pub fn is_empty(&self) -> bool {
         self.channels.is_empty()
     }
@@ -193,20 +205,27 @@ impl HomeChannels {
 mod tests {
     use super::*;
 
+    fn member(user_id: &str, user_info: &str) -> PresenceMember {
+        PresenceMember {
+            user_id: user_id.into(),
+            user_info: user_info.into(),
+        }
+    }
+
     #[test]
     fn one_member_per_user_however_many_sockets() {
         let mut h = HomeChannels::new(2);
         let k = ChannelKey::new(0, "presence-r");
         assert_eq!(
-            h.join(&k, 0, Some(("1", "{\"n\":1}")), 100),
+            h.join(&k, 0, Some(&member("1", "{\"n\":1}")), 100),
             Ok(Joined::NewMember)
         );
         assert_eq!(
-            h.join(&k, 1, Some(("1", "{\"n\":2}")), 100),
+            h.join(&k, 1, Some(&member("1", "{\"n\":2}")), 100),
             Ok(Joined::Socket)
         );
         assert_eq!(
-            h.join(&k, 1, Some(("2", "null")), 100),
+            h.join(&k, 1, Some(&member("2", "null")), 100),
             Ok(Joined::NewMember)
         );
         let c = h.get(&k).unwrap();
@@ -229,12 +248,15 @@ mod tests {
     fn member_limit_refuses_new_users_only() {
         let mut h = HomeChannels::new(1);
         let k = ChannelKey::new(0, "presence-r");
-        h.join(&k, 0, Some(("1", "null")), 1).unwrap();
-        assert!(h.join(&k, 0, Some(("2", "null")), 1).is_err());
-        assert_eq!(h.join(&k, 0, Some(("1", "null")), 1), Ok(Joined::Socket));
+        h.join(&k, 0, Some(&member("1", "null")), 1).unwrap();
+        assert!(h.join(&k, 0, Some(&member("2", "null")), 1).is_err());
+        assert_eq!(
+            h.join(&k, 0, Some(&member("1", "null")), 1),
+            Ok(Joined::Socket)
+        );
         assert_eq!(h.get(&k).unwrap().total, 2);
         let empty = ChannelKey::new(0, "presence-e");
-        assert!(h.join(&empty, 0, Some(("1", "null")), 0).is_err());
+        assert!(h.join(&empty, 0, Some(&member("1", "null")), 0).is_err());
         assert!(h.get(&empty).is_none());
     }
 

@@ -1,71 +1,96 @@
-//! The signed Pusher HTTP API (reference §5): trigger, batch trigger, channel queries.
-//! Counts come from each channel's home shard, so they are exact across shards.
+//! The signed Pusher HTTP API (reference §5): trigger, batch trigger, channel queries, user
+//! termination. Requests are checked here; what they need from the channels comes from the
+//! shard runtime's typed queries (`shard::queries`). Every refusal is an `ApiError`.
 
 use super::signature::{self, get, parse_query, percent_decode, Query as Params};
-use super::Head;
+use super::{ApiError, Head};
 use crate::channels::ChannelKey;
 use crate::config::AppConfig;
 use crate::protocol::channel::{is_cache_channel, validate_name, ChannelKind};
 use crate::protocol::events::{self, Data};
 use crate::protocol::json::{self, check_depth, str_literal, MAX_JSON_DEPTH};
-use crate::shard::messages::{CachedEvent, ChannelStats, Query, QueryReply};
-use crate::shard::{Shard, Shared};
-use serde::Deserialize;
+use crate::shard::messages::{CachedEvent, ChannelStats, Publication};
+use crate::shard::{Node, Shard};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize};
 use sonic_rs::{JsonValueTrait, LazyValue};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// An answer to an HTTP request, before the status line and headers are added.
 pub struct Reply {
+    /// HTTP status code.
     pub status: u16,
+    /// `Content-Type` of the body.
     pub content_type: &'static str,
+    /// The body.
     pub body: String,
 }
 
-fn ok(body: String) -> Reply {
+impl From<ApiError> for Reply {
+    fn from(error: ApiError) -> Reply {
+        Reply {
+            status: error.status,
+            content_type: "application/json",
+            body: error.body(),
+        }
+    }
+}
+
+/// A 200 with `value` as its JSON body.
+fn ok<T: Serialize>(value: &T) -> Reply {
     Reply {
         status: 200,
         content_type: "application/json",
-        body,
+        body: sonic_rs::to_string(value).unwrap_or_else(|_| "{}".into()),
     }
 }
 
-fn fail(status: u16, message: impl AsRef<str>) -> Reply {
-    Reply {
-        status,
-        content_type: "application/json",
-        body: format!("{{\"error\":{}}}", str_literal(message.as_ref())),
-    }
+/// The `{}` most successful requests answer with.
+#[derive(Serialize)]
+struct Empty {}
+
+fn fail(status: u16, message: impl Into<String>) -> ApiError {
+    ApiError::new(status, message)
 }
 
+/// What the API answers, whatever went wrong: the handler's result as a reply.
 pub async fn handle(shard: &Shard, head: &Head, body: &[u8]) -> Reply {
+    match route(shard, head, body).await {
+        Ok(reply) => reply,
+        Err(error) => error.into(),
+    }
+}
+
+async fn route(shard: &Shard, head: &Head, body: &[u8]) -> Result<Reply, ApiError> {
     let (path, raw_query) = head.path_and_query();
     if path == "/" || path == "/health" || path == "/ready" {
-        return Reply {
+        return Ok(Reply {
             status: 200,
             content_type: "text/plain",
             body: "OK".into(),
-        };
+        });
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let params = parse_query(raw_query);
     // pusher-http-python signs and sends `/users/{id}/terminate_connections` without the
     // `/apps/{id}` prefix (§5.9): its app is the one whose key signed the request.
+    let node = shard.node();
     let (app, rest) = match segments.as_slice() {
-        ["apps", app_id, rest @ ..] => (shard.shared.app_by_id(&percent_decode(app_id)), rest),
+        ["apps", app_id, rest @ ..] => (node.app_by_id(&percent_decode(app_id)), rest),
         rest @ ["users", _, "terminate_connections"] => (
-            get(&params, "auth_key").and_then(|k| shard.shared.app_by_key(k)),
+            get(&params, "auth_key").and_then(|k| node.app_by_key(k)),
             rest,
         ),
-        _ => return fail(404, format!("Not found: {path}")),
+        _ => return Err(fail(404, format!("Not found: {path}"))),
     };
     let Some(app) = app else {
-        return fail(404, format!("Unknown app for {path}"));
+        return Err(fail(404, format!("Unknown app for {path}")));
     };
-    let config = shard.shared.app(app);
-    if let Err(reply) = authenticate(config, &head.method, path, &params, body) {
-        return reply;
-    }
+    let config = node.app(app);
+    authenticate(config, &head.method, path, &params, body)?;
     if !config.enabled {
-        return fail(403, "Application disabled");
+        return Err(fail(403, "Application disabled"));
     }
     let method = head.method.as_str();
     match (method, rest) {
@@ -96,8 +121,8 @@ pub async fn handle(shard: &Shard, head: &Head, body: &[u8]) -> Reply {
             | ["channels", _]
             | ["channels", _, "users" | "events" | "stats"]
             | ["users", _, "terminate_connections"],
-        ) => fail(405, format!("Method {method} not allowed on {path}")),
-        _ => fail(404, format!("Not found: {path}")),
+        ) => Err(fail(405, format!("Method {method} not allowed on {path}"))),
+        _ => Err(fail(404, format!("Not found: {path}"))),
     }
 }
 
@@ -107,7 +132,7 @@ fn authenticate(
     path: &str,
     params: &Params,
     body: &[u8],
-) -> Result<(), Reply> {
+) -> Result<(), ApiError> {
     let Some(key) = get(params, "auth_key") else {
         return Err(fail(401, "Missing required parameter: auth_key"));
     };
@@ -139,9 +164,11 @@ struct EventIn<'a> {
 
 /// An event that passed validation: ready to encode per channel.
 pub struct Event {
+    /// The event name.
     pub name: String,
     /// `data` as a JSON string literal (as received when it was a string).
     pub data: String,
+    /// The channels it goes to.
     pub channels: Vec<String>,
     /// The connection the publisher asked to leave out (`socket_id`).
     pub except: Option<u64>,
@@ -180,11 +207,11 @@ impl Attributes {
 }
 
 fn validate(
-    shared: &Shared,
+    node: &Node,
     app: &AppConfig,
     input: EventIn<'_>,
     single_channel: bool,
-) -> Result<Event, Reply> {
+) -> Result<Event, ApiError> {
     let name = input
         .name
         .filter(|n| !n.is_empty())
@@ -272,7 +299,7 @@ fn validate(
                 return Err(fail(400, format!("Invalid socket_id '{id}'")));
             }
             // A socket id of another node matches no socket here.
-            Some(shared.conn_id_of(&id).unwrap_or(u64::MAX))
+            Some(node.conn_id_of(&id).unwrap_or(u64::MAX))
         }
     };
     let info = Attributes::parse(input.info.as_deref());
@@ -285,66 +312,113 @@ fn validate(
     })
 }
 
-/// Publishes every event, then waits until the channels' home shards have sequenced them.
+/// Publishes every event to each of its channels, encoded once per channel, and waits until
+/// the channels' home shards have sequenced them.
 async fn publish(shard: &Shard, app: u32, events: &[Event]) {
-    let mut keys = Vec::new();
+    let mut publications = Vec::new();
     for event in events {
         for channel in &event.channels {
-            let key = ChannelKey::new(app, channel);
             let frame = events::frame(&event.name, Some(channel), Data::Raw(&event.data), None);
-            shard.publish(key.clone(), frame, event.except, is_cache_channel(channel));
-            keys.push(key);
+            publications.push(Publication {
+                key: ChannelKey::new(app, channel),
+                frame: Arc::from(frame),
+                except: event.except,
+                cache: is_cache_channel(channel),
+            });
         }
     }
-    shard.sequenced(keys.iter()).await;
+    shard.publish_all(publications).await;
 }
 
-/// `{"name":{"user_count":1,"subscription_count":2},...}` for the requested attributes.
-async fn info_json(shard: &Shard, app: u32, channels: &[String], info: Attributes) -> String {
-    let mut out = String::from("{");
-    let mut seen: Vec<&str> = Vec::new();
+/// A channel's attributes in a response; absent fields were not asked for.
+#[derive(Serialize, Default)]
+struct ChannelAttributes<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    occupied: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_count: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subscription_count: Option<u32>,
+    /// `Some(None)`: asked for, and no event is cached (`null`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<Option<CachedBody<'a>>>,
+}
+
+impl ChannelAttributes<'_> {
+    /// The counts `info` asked for; `user_count` only where it means something.
+    fn of(stats: &ChannelStats, info: Attributes, users: bool) -> Self {
+        ChannelAttributes {
+            user_count: (info.user_count && users).then_some(stats.user_count),
+            subscription_count: info.subscription_count.then_some(stats.subscription_count),
+            ..Default::default()
+        }
+    }
+}
+
+/// A cached event in `GET .../channels/{name}?info=cache`.
+#[derive(Serialize)]
+struct CachedBody<'a> {
+    event: LazyValue<'a>,
+    data: LazyValue<'a>,
+    ttl: u64,
+}
+
+impl<'a> CachedBody<'a> {
+    /// The event and data of a cached frame (None if the frame is not an event envelope).
+    fn of(cached: &'a CachedEvent) -> Option<Self> {
+        let envelope = crate::protocol::ws::payload_of(&cached.frame);
+        Some(CachedBody {
+            event: sonic_rs::get(envelope, ["event"]).ok()?,
+            data: sonic_rs::get(envelope, ["data"]).ok()?,
+            ttl: cached.ttl_secs,
+        })
+    }
+}
+
+/// Named entries serialized as a JSON object, in their order.
+struct ByName<'a, V>(&'a [(String, V)]);
+
+impl<V: Serialize> Serialize for ByName<'_, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+/// `{"channels":{name: attributes, ...}}`.
+#[derive(Serialize)]
+struct ChannelsBody<'a, V: Serialize> {
+    channels: ByName<'a, V>,
+}
+
+/// The attributes of each distinct channel of an event, as `info` asked.
+async fn channel_attributes(
+    shard: &Shard,
+    app: u32,
+    channels: &[String],
+    info: Attributes,
+) -> Vec<(String, ChannelAttributes<'static>)> {
+    let mut out: Vec<(String, ChannelAttributes<'static>)> = Vec::new();
     for channel in channels {
-        if seen.contains(&channel.as_str()) {
+        if out.iter().any(|(name, _)| name == channel) {
             continue;
         }
-        seen.push(channel);
         let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
-        if seen.len() > 1 {
-            out.push(',');
-        }
-        out.push_str(&str_literal(channel));
-        out.push(':');
-        out.push_str(&stats_json(
-            &stats,
-            info.user_count && ChannelKind::of(channel) == ChannelKind::Presence,
-            info.subscription_count,
-            None,
+        let presence = ChannelKind::of(channel) == ChannelKind::Presence;
+        out.push((
+            channel.clone(),
+            ChannelAttributes::of(&stats, info, presence),
         ));
     }
-    out.push('}');
     out
-}
-
-fn stats_json(stats: &ChannelStats, users: bool, subs: bool, occupied: Option<bool>) -> String {
-    let mut fields = Vec::new();
-    if let Some(o) = occupied {
-        fields.push(format!("\"occupied\":{o}"));
-    }
-    if users {
-        fields.push(format!("\"user_count\":{}", stats.user_count));
-    }
-    if subs {
-        fields.push(format!(
-            "\"subscription_count\":{}",
-            stats.subscription_count
-        ));
-    }
-    format!("{{{}}}", fields.join(","))
 }
 
 /// What a JSON body must pass before it is parsed: UTF-8 (the parser assumes it) and a bounded
 /// depth (the parser recurses).
-fn check_body(body: &[u8]) -> Result<(), Reply> {
+fn check_body(body: &[u8]) -> Result<(), ApiError> {
     if std::str::from_utf8(body).is_err() {
         return Err(fail(400, "The request body must be UTF-8 JSON"));
     }
@@ -355,11 +429,11 @@ fn check_body(body: &[u8]) -> Result<(), Reply> {
 /// `POST /batch_events` (`batch: true`) before it publishes, without touching a shard: the
 /// events to publish, or the error reply.
 pub fn parse_events(
-    shared: &Shared,
+    node: &Node,
     config: &AppConfig,
     body: &[u8],
     batch: bool,
-) -> Result<Vec<Event>, Reply> {
+) -> Result<Vec<Event>, ApiError> {
     #[derive(Deserialize)]
     struct BatchIn<'a> {
         #[serde(borrow)]
@@ -369,7 +443,7 @@ pub fn parse_events(
     if !batch {
         let input: EventIn<'_> =
             sonic_rs::from_slice(body).map_err(|e| fail(400, format!("Invalid JSON body: {e}")))?;
-        return Ok(vec![validate(shared, config, input, false)?]);
+        return Ok(vec![validate(node, config, input, false)?]);
     }
     let input: BatchIn<'_> = sonic_rs::from_slice(body).map_err(|e| {
         fail(
@@ -389,167 +463,125 @@ pub fn parse_events(
     }
     let mut events = Vec::with_capacity(input.batch.len());
     for (i, item) in input.batch.into_iter().enumerate() {
-        match validate(shared, config, item, true) {
-            Ok(e) => events.push(e),
-            Err(mut reply) => {
-                reply.body = format!(
-                    "{{\"error\":{}}}",
-                    str_literal(&format!("batch[{i}]: {}", reply.body))
-                );
-                return Err(reply);
-            }
-        }
+        let event = validate(node, config, item, true).map_err(|mut error| {
+            error.message = format!("batch[{i}]: {}", error.message);
+            error
+        })?;
+        events.push(event);
     }
     Ok(events)
 }
 
-async fn trigger(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
-    let event = match parse_events(&shard.shared, config, body, false) {
-        Ok(mut events) => events.remove(0),
-        Err(reply) => return reply,
-    };
+async fn trigger(
+    shard: &Shard,
+    app: u32,
+    config: &AppConfig,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let event = parse_events(shard.node(), config, body, false)?.remove(0);
     shard.backpressure().await;
     publish(shard, app, std::slice::from_ref(&event)).await;
     if !event.info.requested {
-        return ok("{}".into());
+        return Ok(ok(&Empty {}));
     }
-    ok(format!(
-        "{{\"channels\":{}}}",
-        info_json(shard, app, &event.channels, event.info).await
-    ))
+    let channels = channel_attributes(shard, app, &event.channels, event.info).await;
+    Ok(ok(&ChannelsBody {
+        channels: ByName(&channels),
+    }))
 }
 
-async fn batch(shard: &Shard, app: u32, config: &AppConfig, body: &[u8]) -> Reply {
-    let events = match parse_events(&shard.shared, config, body, true) {
-        Ok(events) => events,
-        Err(reply) => return reply,
-    };
+async fn batch(
+    shard: &Shard,
+    app: u32,
+    config: &AppConfig,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    #[derive(Serialize)]
+    struct BatchBody<'a> {
+        batch: Vec<ChannelAttributes<'a>>,
+    }
+    let events = parse_events(shard.node(), config, body, true)?;
     shard.backpressure().await;
     publish(shard, app, &events).await;
     if events.iter().all(|e| !e.info.requested) {
-        return ok("{}".into());
+        return Ok(ok(&Empty {}));
     }
-    let mut items = Vec::with_capacity(events.len());
+    let mut batch = Vec::with_capacity(events.len());
     for event in &events {
         let channel = &event.channels[0];
         let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
-        let users = event.info.user_count && ChannelKind::of(channel) == ChannelKind::Presence;
-        items.push(stats_json(
-            &stats,
-            users,
-            event.info.subscription_count,
-            None,
-        ));
+        let presence = ChannelKind::of(channel) == ChannelKind::Presence;
+        batch.push(ChannelAttributes::of(&stats, event.info, presence));
     }
-    ok(format!("{{\"batch\":[{}]}}", items.join(",")))
+    Ok(ok(&BatchBody { batch }))
 }
 
-async fn list_channels(shard: &Shard, app: u32, params: &Params) -> Reply {
-    let prefix = get(params, "filter_by_prefix").unwrap_or("").to_owned();
+async fn list_channels(shard: &Shard, app: u32, params: &Params) -> Result<Reply, ApiError> {
+    let prefix = get(params, "filter_by_prefix").unwrap_or("");
     let info = Attributes::parse(get(params, "info"));
     if info.user_count && !prefix.starts_with("presence-") {
-        return fail(400, "info=user_count needs filter_by_prefix=presence-");
+        return Err(fail(
+            400,
+            "info=user_count needs filter_by_prefix=presence-",
+        ));
     }
-    let mut all: Vec<(String, ChannelStats)> = Vec::new();
-    for target in 0..shard.shared.shards {
-        if let QueryReply::List(list) = shard
-            .query(
-                target,
-                Query::List {
-                    app,
-                    prefix: prefix.clone(),
-                },
-            )
-            .await
-        {
-            all.extend(list);
-        }
-    }
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    let entries: Vec<String> = all
-        .iter()
-        .map(|(name, stats)| {
-            format!(
-                "{}:{}",
-                str_literal(name),
-                stats_json(stats, info.user_count, info.subscription_count, None)
-            )
-        })
+    let channels: Vec<(String, ChannelAttributes<'_>)> = shard
+        .occupied_channels(app, prefix)
+        .await
+        .into_iter()
+        .map(|(name, stats)| (name, ChannelAttributes::of(&stats, info, true)))
         .collect();
-    ok(format!("{{\"channels\":{{{}}}}}", entries.join(",")))
+    Ok(ok(&ChannelsBody {
+        channels: ByName(&channels),
+    }))
 }
 
-async fn channel_info(shard: &Shard, app: u32, channel: &str, params: &Params) -> Reply {
-    if let Err(message) = validate_name(
-        channel,
-        shard.shared.app(app).max_channel_name_length as usize,
-    ) {
-        return fail(400, message);
-    }
+/// The channel name of a query path: valid, or a 400.
+fn checked_channel(shard: &Shard, app: u32, channel: &str) -> Result<(), ApiError> {
+    let max = shard.node().app(app).max_channel_name_length as usize;
+    validate_name(channel, max).map_err(|message| fail(400, message))
+}
+
+async fn channel_info(
+    shard: &Shard,
+    app: u32,
+    channel: &str,
+    params: &Params,
+) -> Result<Reply, ApiError> {
+    checked_channel(shard, app, channel)?;
     let info = Attributes::parse(get(params, "info"));
     if info.user_count && ChannelKind::of(channel) != ChannelKind::Presence {
-        return fail(400, "info=user_count is only for presence channels");
+        return Err(fail(400, "info=user_count is only for presence channels"));
     }
-    let key = ChannelKey::new(app, channel);
-    let home = key.home(shard.shared.shards);
-    let cache = info.cache && is_cache_channel(channel);
-    let QueryReply::Channel(stats, cached) = shard.query(home, Query::Channel { key, cache }).await
-    else {
-        return fail(500, "Unexpected reply from the channel's shard");
-    };
-    let mut body = stats_json(
-        &stats,
-        info.user_count,
-        info.subscription_count,
-        Some(stats.subscription_count > 0),
-    );
+    let with_cache = info.cache && is_cache_channel(channel);
+    let found = shard
+        .channel_info(ChannelKey::new(app, channel), with_cache)
+        .await;
+    let mut body = ChannelAttributes::of(&found.stats, info, true);
+    body.occupied = Some(found.stats.subscription_count > 0);
     if info.cache {
-        body.pop();
-        body.push_str(",\"cache\":");
-        body.push_str(&cache_json(cached.as_ref()));
-        body.push('}');
+        body.cache = Some(found.cached.as_ref().and_then(CachedBody::of));
     }
-    ok(body)
-}
-
-/// `{"event":..,"data":..,"ttl":seconds}` of a cached event, or `null`.
-fn cache_json(cached: Option<&CachedEvent>) -> String {
-    let Some(cached) = cached else {
-        return "null".into();
-    };
-    let envelope = crate::protocol::ws::payload_of(&cached.frame);
-    let event = sonic_rs::get(envelope, ["event"]);
-    let data = sonic_rs::get(envelope, ["data"]);
-    match (event, data) {
-        (Ok(event), Ok(data)) => format!(
-            "{{\"event\":{},\"data\":{},\"ttl\":{}}}",
-            event.as_raw_str(),
-            data.as_raw_str(),
-            cached.ttl_secs
-        ),
-        _ => "null".into(),
-    }
+    Ok(ok(&body))
 }
 
 /// The deprecated `GET .../channels/{name}/stats` (§5.7).
-async fn deprecated_stats(shard: &Shard, app: u32, channel: &str) -> Reply {
-    if let Err(message) = validate_name(
-        channel,
-        shard.shared.app(app).max_channel_name_length as usize,
-    ) {
-        return fail(400, message);
+async fn deprecated_stats(shard: &Shard, app: u32, channel: &str) -> Result<Reply, ApiError> {
+    #[derive(Serialize)]
+    struct StatsBody {
+        occupied: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_count: Option<u32>,
+        connection_count: u32,
     }
+    checked_channel(shard, app, channel)?;
     let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
     let presence = ChannelKind::of(channel) == ChannelKind::Presence;
-    let users = match presence {
-        true => format!(",\"user_count\":{}", stats.user_count),
-        false => String::new(),
-    };
-    ok(format!(
-        "{{\"occupied\":{}{users},\"connection_count\":{}}}",
-        stats.subscription_count > 0,
-        stats.subscription_count
-    ))
+    Ok(ok(&StatsBody {
+        occupied: stats.subscription_count > 0,
+        user_count: presence.then_some(stats.user_count),
+        connection_count: stats.subscription_count,
+    }))
 }
 
 /// The deprecated `POST .../channels/{channel}/events?name=..[&socket_id=..]` whose body is the
@@ -561,14 +593,11 @@ async fn deprecated_trigger(
     channel: &str,
     params: &Params,
     body: &[u8],
-) -> Reply {
-    let Ok(data) = std::str::from_utf8(body) else {
-        return fail(400, "Event data must be UTF-8 text");
-    };
+) -> Result<Reply, ApiError> {
+    let data = std::str::from_utf8(body).map_err(|_| fail(400, "Event data must be UTF-8 text"))?;
     let literal = str_literal(data);
-    let Ok(data) = sonic_rs::from_str::<LazyValue<'_>>(&literal) else {
-        return fail(400, "Invalid event data");
-    };
+    let data = sonic_rs::from_str::<LazyValue<'_>>(&literal)
+        .map_err(|_| fail(400, "Invalid event data"))?;
     let input = EventIn {
         name: get(params, "name").map(std::borrow::Cow::Borrowed),
         data: Some(data),
@@ -577,45 +606,43 @@ async fn deprecated_trigger(
         socket_id: get(params, "socket_id").map(std::borrow::Cow::Borrowed),
         info: None,
     };
-    let event = match validate(&shard.shared, config, input, true) {
-        Ok(e) => e,
-        Err(reply) => return reply,
-    };
+    let event = validate(shard.node(), config, input, true)?;
     shard.backpressure().await;
     publish(shard, app, std::slice::from_ref(&event)).await;
-    ok("{}".into())
+    Ok(ok(&Empty {}))
 }
 
 /// Closes every connection signed in as the user, on every shard (§5.9).
-async fn terminate(shard: &Shard, app: u32, config: &AppConfig, user_id: &str) -> Reply {
+async fn terminate(
+    shard: &Shard,
+    app: u32,
+    config: &AppConfig,
+    user_id: &str,
+) -> Result<Reply, ApiError> {
     if user_id.is_empty() || !config.user_id_fits(user_id) {
         let limit = config.max_user_id_length;
-        return fail(400, format!("A user id has 1 to {limit} characters"));
+        return Err(fail(400, format!("A user id has 1 to {limit} characters")));
     }
-    let key = ChannelKey::user(app, user_id);
-    shard.terminate_user(key.clone());
-    shard.sequenced(std::iter::once(&key)).await;
-    ok("{}".into())
+    shard
+        .terminate_user_connections(ChannelKey::user(app, user_id))
+        .await;
+    Ok(ok(&Empty {}))
 }
 
-async fn channel_users(shard: &Shard, app: u32, channel: &str) -> Reply {
+async fn channel_users(shard: &Shard, app: u32, channel: &str) -> Result<Reply, ApiError> {
+    #[derive(Serialize)]
+    struct User {
+        id: String,
+    }
+    #[derive(Serialize)]
+    struct UsersBody {
+        users: Vec<User>,
+    }
     if ChannelKind::of(channel) != ChannelKind::Presence {
-        return fail(400, "Users can only be listed for presence channels");
+        return Err(fail(400, "Users can only be listed for presence channels"));
     }
-    if let Err(message) = validate_name(
-        channel,
-        shard.shared.app(app).max_channel_name_length as usize,
-    ) {
-        return fail(400, message);
-    }
-    let key = ChannelKey::new(app, channel);
-    let home = key.home(shard.shared.shards);
-    let QueryReply::Users(ids) = shard.query(home, Query::Users(key)).await else {
-        return ok("{\"users\":[]}".into());
-    };
-    let users: Vec<String> = ids
-        .iter()
-        .map(|id| format!("{{\"id\":{}}}", str_literal(id)))
-        .collect();
-    ok(format!("{{\"users\":[{}]}}", users.join(",")))
+    checked_channel(shard, app, channel)?;
+    let ids = shard.presence_user_ids(ChannelKey::new(app, channel)).await;
+    let users = ids.into_iter().map(|id| User { id }).collect();
+    Ok(ok(&UsersBody { users }))
 }

@@ -1,5 +1,5 @@
-//! HTTP/1.1 on the shared port: request heads (httparse), bounded bodies, keep-alive, and the
-//! signed Pusher HTTP API (`api`).
+//! The HTTP session: HTTP/1.1 on the shared port (request heads with httparse, bounded bodies,
+//! keep-alive), and the signed Pusher HTTP API (`api`).
 
 pub mod api;
 pub mod signature;
@@ -113,25 +113,55 @@ pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) 
     out
 }
 
+/// A request refused, by the HTTP layer or the API: its status and a message for the caller.
+/// Rendered once, as `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// What went wrong, for the caller (never a secret).
+    pub message: String,
+}
+
+impl ApiError {
+    /// A refusal with `status` and `message`.
+    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body: `{"error": message}`.
+    pub fn body(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct ErrorBody<'a> {
+            error: &'a str,
+        }
+        let body = ErrorBody {
+            error: &self.message,
+        };
+        sonic_rs::to_string(&body).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// A complete response for a refused request, after which the connection is closed.
 pub fn error_response(status: u16, message: &str) -> Vec<u8> {
-    let body = format!(
-        "{{\"error\":{}}}",
-        crate::protocol::json::str_literal(message)
-    );
+    let body = ApiError::new(status, message).body();
     response(status, "application/json", body.as_bytes(), false)
 }
 
-/// Reads whatever the socket has into `buf`, through the shard's scratch buffer.
+/// Reads whatever the socket has into `buf`, through the shard's shared read buffer.
 pub async fn read_into(
     shard: &Shard,
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> io::Result<usize> {
     poll_fn(|cx| {
-        let mut scratch = shard.scratch.borrow_mut();
-        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+        let mut buffer = shard.read_buffer();
+        match Pin::new(&mut *stream).poll_read(cx, &mut buffer[..]) {
             Poll::Ready(Ok(n)) => {
-                buf.extend_from_slice(&scratch[..n]);
+                buf.extend_from_slice(&buffer[..n]);
                 Poll::Ready(Ok(n))
             }
             other => other,
@@ -213,7 +243,7 @@ async fn serve_requests(
     mut head: Head,
     deadline: &Deadline,
 ) {
-    let config = &shard.shared.config;
+    let config = &shard.node().config;
     let max_body = config.max_request_body_bytes;
     loop {
         if head.header("transfer-encoding").is_some() {

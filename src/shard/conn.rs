@@ -11,9 +11,11 @@ use std::task::Waker;
 
 use crate::protocol::{codes, events, ws};
 
-/// A subscription as the connection knows it. `confirmed` once the channel's home shard acked.
+/// A subscription as the connection knows it.
 pub struct Sub {
+    /// The channel name.
     pub name: Box<str>,
+    /// The channel's home shard counted the socket (the socket then receives its events).
     pub confirmed: bool,
     /// The presence user id this socket joined as.
     pub user_id: Option<Box<str>>,
@@ -33,23 +35,44 @@ struct OutQueue {
     bytes: usize,
 }
 
+/// Where a connection is in its life. Only moves forward: Open -> Closing -> Aborted, or
+/// Open -> Aborted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Serving.
+    Open,
+    /// Our close frame is queued and no more frames are. The socket is dropped once the queue is
+    /// flushed and the peer has answered, or at the deadline anyway.
+    Closing {
+        /// Shard-clock second by which the socket is dropped anyway. None: closed from a path
+        /// without the clock (a slow consumer); the sweeper starts the grace period.
+        deadline: Option<u32>,
+        /// The peer's close frame has arrived.
+        peer_closed: bool,
+    },
+    /// To be dropped at once, unflushed (a write error, the grace period over, a panic).
+    Aborted,
+}
+
+/// One WebSocket connection as its shard sees it. Created by the WebSocket session when it
+/// admits a socket, owned (`Rc`) by the shard's connection table, its subscriptions in the
+/// shard's fanout table and its task; touched only on its shard.
 pub struct Conn {
     /// Unique in the process; the part after the dot of the socket id.
     pub id: u64,
     /// The socket, so an over-full queue can be flushed before it counts as slow (-1: none).
     pub fd: Cell<RawFd>,
+    /// The app the connection belongs to (index into the configured apps).
     pub app: u32,
     out: RefCell<OutQueue>,
     waker: RefCell<Option<Waker>>,
+    state: Cell<ConnState>,
+    /// The channels it subscribed to, sorted by name (see `find_sub`).
     pub subs: RefCell<Vec<Sub>>,
     /// Shard clock seconds of the last inbound frame.
     pub last_seen: Cell<u32>,
+    /// Shard-clock second the server pinged it, while no answer has arrived.
     pub ping_sent: Cell<Option<u32>>,
-    /// Set once a close was queued: the shard-clock second by which the socket is dropped anyway.
-    pub closing_deadline: Cell<Option<u32>>,
-    /// The peer's close frame arrived: drop the socket once our queue is flushed.
-    pub peer_closed: Cell<bool>,
-    pub aborted: Cell<bool>,
     /// Client-event token bucket: (last refill, shard-clock ms; tokens).
     pub rate: Cell<(u64, f32)>,
     /// Listed in the shard's dirty list: frames are queued for the flusher to write.
@@ -59,11 +82,11 @@ pub struct Conn {
     /// Signed in, or confirmed on a private/presence channel (authorized connections, §3.6).
     pub authorized: Cell<bool>,
     /// The user this connection signed in as (`pusher:signin`).
-    pub user: RefCell<Option<Box<super::user::SignedIn>>>,
+    pub user: RefCell<Option<Box<super::users::SignedIn>>>,
     /// Bytes its frame reader holds for incomplete frames and messages (the shard's budget).
     pub partial_bytes: Cell<u32>,
-    /// Shard-clock second since when it has held an incomplete message (`u32::MAX`: none).
-    pub partial_since: Cell<u32>,
+    /// Shard-clock second since when it has held an incomplete message.
+    pub partial_since: Cell<Option<u32>>,
     /// Closed to free the partial-message budget: its reader drops what it holds and all input.
     pub discard_input: Cell<bool>,
 }
@@ -72,6 +95,8 @@ pub struct Conn {
 pub const CLOSE_GRACE_SECS: u32 = 3;
 
 impl Conn {
+    /// A connection of `app` admitted at shard-clock second `now`, with `burst` client-event
+    /// tokens.
     pub fn new(id: u64, app: u32, now: u32, burst: f32) -> Conn {
         Conn {
             id,
@@ -79,25 +104,55 @@ impl Conn {
             app,
             out: RefCell::new(OutQueue::default()),
             waker: RefCell::new(None),
+            state: Cell::new(ConnState::Open),
             subs: RefCell::new(Vec::new()),
             last_seen: Cell::new(now),
             ping_sent: Cell::new(None),
-            closing_deadline: Cell::new(None),
-            peer_closed: Cell::new(false),
-            aborted: Cell::new(false),
             rate: Cell::new((0, burst)),
             dirty: Cell::new(false),
             connected_at: now,
             authorized: Cell::new(false),
             user: RefCell::new(None),
             partial_bytes: Cell::new(0),
-            partial_since: Cell::new(u32::MAX),
+            partial_since: Cell::new(None),
             discard_input: Cell::new(false),
         }
     }
 
+    /// Where the connection is in its life.
+    pub fn state(&self) -> ConnState {
+        self.state.get()
+    }
+
+    /// Closing or aborted: nothing more is queued for it.
     pub fn is_closing(&self) -> bool {
-        self.closing_deadline.get().is_some()
+        self.state.get() != ConnState::Open
+    }
+
+    /// The peer's close frame arrived (after or with ours).
+    pub fn mark_peer_closed(&self) {
+        if let ConnState::Closing { deadline, .. } = self.state.get() {
+            let peer_closed = true;
+            self.state.set(ConnState::Closing {
+                deadline,
+                peer_closed,
+            });
+        }
+    }
+
+    /// Sets the close deadline of a connection closed without the clock (see `ConnState`).
+    pub fn start_close_grace(&self, now: u32) {
+        if let ConnState::Closing {
+            deadline: None,
+            peer_closed,
+        } = self.state.get()
+        {
+            let deadline = Some(now.saturating_add(CLOSE_GRACE_SECS));
+            self.state.set(ConnState::Closing {
+                deadline,
+                peer_closed,
+            });
+        }
     }
 
     /// Queues a frame and wakes the socket's task to write it; returns false (and starts a 4100
@@ -129,16 +184,17 @@ impl Conn {
         };
         if over {
             self.drop_backlog();
-            self.close_now(
+            self.close_with_error(
                 codes::OVER_CAPACITY,
                 "Slow consumer: too many messages queued",
-                u32::MAX,
+                None,
             );
             return false;
         }
         true
     }
 
+    /// `send` for a frame just encoded for this socket alone.
     pub fn send_vec(&self, frame: Vec<u8>, max_queued: usize) -> bool {
         self.send(Rc::from(frame), max_queued)
     }
@@ -159,10 +215,10 @@ impl Conn {
         }
     }
 
-    /// Queues `pusher:error` + a close frame with `code` (the rejection form of reference §1.5).
-    /// The socket is dropped once the peer answers the close, or at the deadline. `now` is the
-    /// shard clock; `u32::MAX` lets the sweeper start the grace period.
-    pub fn close_now(&self, code: u16, reason: &str, now: u32) {
+    /// Gracefully closes with `pusher:error` + a close frame with `code` (the rejection form of
+    /// reference §1.5). The socket is dropped once the peer answers the close, or at the
+    /// deadline. `now` is the shard clock; None lets the sweeper start the grace period.
+    pub fn close_with_error(&self, code: u16, reason: &str, now: Option<u32>) {
         self.close_with(
             Some(events::error(Some(code), reason)),
             ws::close_frame(code, reason),
@@ -170,18 +226,19 @@ impl Conn {
         );
     }
 
-    /// A bare close frame, for WebSocket-level errors (1002) and replies to the peer's close.
-    pub fn close_bare(&self, code: Option<u16>, reason: &str, now: u32) {
+    /// Gracefully closes with a close frame only, for WebSocket-level errors (1002) and replies
+    /// to the peer's close.
+    pub fn close_without_error(&self, code: Option<u16>, reason: &str, now: u32) {
         let frame = match code {
             Some(c) if c != codes::NO_STATUS && c != codes::ABNORMAL_CLOSURE => {
                 ws::close_frame(c, reason)
             }
             _ => ws::encode_frame(ws::OP_CLOSE, &[]),
         };
-        self.close_with(None, frame, now);
+        self.close_with(None, frame, Some(now));
     }
 
-    fn close_with(&self, error: Option<Vec<u8>>, close: Vec<u8>, now: u32) {
+    fn close_with(&self, error: Option<Vec<u8>>, close: Vec<u8>, now: Option<u32>) {
         if self.is_closing() {
             return;
         }
@@ -192,16 +249,20 @@ impl Conn {
                 q.frames.push_back(Rc::from(frame));
             }
         }
-        self.closing_deadline
-            .set(Some(now.saturating_add(CLOSE_GRACE_SECS)));
+        self.state.set(ConnState::Closing {
+            deadline: now.map(|now| now.saturating_add(CLOSE_GRACE_SECS)),
+            peer_closed: false,
+        });
         self.wake();
     }
 
+    /// Drops the connection at once, without flushing: its task ends it.
     pub fn abort(&self) {
-        self.aborted.set(true);
+        self.state.set(ConnState::Aborted);
         self.wake();
     }
 
+    /// The connection's task, to be woken when there is something to write or it must end.
     pub fn set_waker(&self, waker: &Waker) {
         let mut slot = self.waker.borrow_mut();
         match &*slot {
@@ -210,12 +271,14 @@ impl Conn {
         }
     }
 
+    /// Wakes the connection's task.
     pub fn wake(&self) {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
     }
 
+    /// Bytes queued and not written yet.
     pub fn queued_bytes(&self) -> usize {
         self.out.borrow().bytes
     }
@@ -275,6 +338,7 @@ impl Conn {
         q.frames.front().map(|front| f(&front[q.offset..]))
     }
 
+    /// Marks `n` queued bytes as written (by a write outside `flush`).
     pub fn consume(&self, n: usize) {
         self.out.borrow_mut().consume(n);
     }

@@ -62,19 +62,19 @@ pub fn contain_call<R>(what: &str, f: impl FnOnce() -> R) -> Result<R, Panicked>
 }
 
 fn count_panic(what: &str) -> Panicked {
-    if let Some(shared) = SHARED.get() {
-        shared.contained_panics.fetch_add(1, Ordering::Relaxed);
+    if let Some(node) = NODE.get() {
+        node.contained_panics.fetch_add(1, Ordering::Relaxed);
     }
     crate::log_warn!("panic while handling {what}; only it was dropped");
     Panicked
 }
 
-static SHARED: std::sync::OnceLock<std::sync::Arc<super::Shared>> = std::sync::OnceLock::new();
+static NODE: std::sync::OnceLock<std::sync::Arc<super::Node>> = std::sync::OnceLock::new();
 
 /// Installs the process's panic hook: the default report, then, for a panic on a shard thread
 /// outside any `contain`, an immediate exit with status 70 so that a supervisor restarts us.
-pub fn install_panic_hook(shared: std::sync::Arc<super::Shared>) {
-    let _ = SHARED.set(shared);
+pub fn install_panic_hook(node: std::sync::Arc<super::Node>) {
+    let _ = NODE.set(node);
     panic::set_hook(Box::new(move |info| {
         // Not the default hook: it writes stderr directly and would stall this thread on a
         // full pipe. The location and the message are what an operator needs to report it.

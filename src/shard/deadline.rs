@@ -68,7 +68,7 @@ impl DeadlineGuard {
             expired: Cell::new(false),
             waker: RefCell::new(None),
         });
-        let id = shard.new_conn_id();
+        let id = shard.new_id();
         shard.deadlines.borrow_mut().insert(id, deadline.clone());
         DeadlineGuard {
             shard: shard.clone(),

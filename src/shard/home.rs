@@ -3,13 +3,17 @@
 //! and turns each change into at most one message per shard that has subscribers.
 
 use super::messages::{
-    CachedEvent, ChannelStats, JoinAck, JoinRequest, Query, QueryReply, ShardMsg,
+    Answer, CachedEvent, ChannelInfo, ChannelStats, JoinAck, JoinRequest, Publication, Question,
+    ShardMsg,
 };
 use super::Shard;
-use crate::channels::home::{HomeChannel, Joined};
+use crate::channels::cache::ChannelCache;
+use crate::channels::home::{HomeChannel, HomeChannels, Joined};
+use crate::channels::watch::WatchCounts;
 use crate::channels::ChannelKey;
 use crate::protocol::channel::{is_cache_channel, ChannelKind};
 use crate::protocol::events;
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,19 +22,48 @@ use std::time::{Duration, Instant};
 const COUNT_THROTTLE_ABOVE: u32 = 100;
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Expired cache entries are dropped once a minute (by the sweeper).
+const CACHE_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The tables of the channels and users homed on one shard.
+pub(super) struct Home {
+    channels: RefCell<HomeChannels>,
+    /// Last HTTP event of each cache channel homed here.
+    cache: RefCell<ChannelCache>,
+    /// When the cache was last purged of expired entries.
+    cache_purged: RefCell<Instant>,
+    /// Watchers per shard of each user homed here.
+    watchers: RefCell<WatchCounts>,
+    /// Channels whose `subscription_count` waits for the throttle.
+    pending_counts: RefCell<Vec<ChannelKey>>,
+}
+
+impl Home {
+    pub(super) fn new(shards: usize) -> Home {
+        Home {
+            channels: RefCell::new(HomeChannels::new(shards)),
+            cache: RefCell::new(ChannelCache::default()),
+            cache_purged: RefCell::new(Instant::now()),
+            watchers: RefCell::new(WatchCounts::new(shards)),
+            pending_counts: RefCell::new(Vec::new()),
+        }
+    }
+}
+
 impl Shard {
-    pub(super) fn home_publish(
-        &self,
-        key: ChannelKey,
-        frame: Arc<[u8]>,
-        except: Option<u64>,
-        cache: bool,
-    ) {
+    /// A publication for a channel homed here: kept when it is cacheable, sent to every shard
+    /// with subscribers.
+    pub(super) fn home_publish(&self, publication: Publication) {
+        let Publication {
+            key,
+            frame,
+            except,
+            cache,
+        } = publication;
         if cache {
-            let ttl = Duration::from_secs(self.shared.app(key.app).cache_ttl as u64);
-            self.cache
-                .borrow_mut()
-                .store(&key, frame.clone(), ttl, Instant::now());
+            let ttl = Duration::from_secs(self.node.app(key.app).cache_ttl as u64);
+            let mut stored = self.home.cache.borrow_mut();
+            stored.store(&key, frame.clone(), ttl, Instant::now());
         }
         let targets = self.subscriber_shards(&key);
         self.broadcast(&targets, &key, frame, except);
@@ -38,13 +71,16 @@ impl Shard {
 
     fn subscriber_shards(&self, key: &ChannelKey) -> Vec<usize> {
         self.home
+            .channels
             .borrow()
             .get(key)
             .map_or_else(Vec::new, |c| c.shards().collect())
     }
 
-    /// Sends one frame to each target shard, which writes it to its local subscribers.
-    pub(super) fn broadcast(
+    /// Sends one frame to each target shard, which writes it to its local subscribers. This
+    /// shard gets it as a message too, so it stays in order with the replies already sent
+    /// (a joiner's confirmation goes before the count it is part of).
+    fn broadcast(
         &self,
         targets: &[usize],
         key: &ChannelKey,
@@ -52,19 +88,17 @@ impl Shard {
         except: Option<u64>,
     ) {
         for &shard in targets {
-            if shard == self.id {
-                self.deliver_local(key, std::rc::Rc::from(&frame[..]), except);
-            } else {
-                let msg = ShardMsg::Deliver {
-                    key: key.clone(),
-                    frame: frame.clone(),
-                    except,
-                };
-                self.route(shard, msg);
-            }
+            let msg = ShardMsg::Deliver {
+                key: key.clone(),
+                frame: frame.clone(),
+                except,
+            };
+            self.route(shard, msg);
         }
     }
 
+    /// Counts a socket in a channel homed here and answers its shard; announces a new presence
+    /// member and the new count.
     pub(super) fn home_join(&self, req: JoinRequest) {
         let JoinRequest {
             key,
@@ -72,17 +106,15 @@ impl Shard {
             conn,
             member,
             max_members,
-            repeat,
+            duplicate,
         } = req;
-        let outcome = if repeat {
+        let outcome = if duplicate {
             Ok(Joined::Socket)
         } else {
-            let m = member
-                .as_ref()
-                .map(|(id, info)| (id.as_str(), info.as_str()));
-            self.home.borrow_mut().join(&key, origin, m, max_members)
+            let mut channels = self.home.channels.borrow_mut();
+            channels.join(&key, origin, member.as_ref(), max_members)
         };
-        let user_id = member.as_ref().map(|(id, _)| id.clone());
+        let user_id = member.as_ref().map(|m| m.user_id.clone());
         let joined = match outcome {
             Ok(joined) => joined,
             Err(message) => {
@@ -90,7 +122,7 @@ impl Shard {
                 let reply = ShardMsg::JoinReply {
                     key,
                     conn,
-                    repeat,
+                    duplicate,
                     user_id,
                     result,
                 };
@@ -99,27 +131,27 @@ impl Shard {
         };
         let ack = JoinAck {
             succeeded: member.as_ref().and_then(|_| {
-                let home = self.home.borrow();
-                let channel = home.get(&key)?;
-                let data = channel.presence_json();
+                let channels = self.home.channels.borrow();
+                let data = channels.get(&key)?.presence_json();
                 Some(Arc::from(events::subscription_succeeded(&key.name, &data)))
             }),
-            then: (!repeat && is_cache_channel(&key.name)).then(|| self.cached_or_miss(&key)),
+            cache_event: (!duplicate && is_cache_channel(&key.name))
+                .then(|| self.cached_or_miss(&key)),
         };
         let reply = ShardMsg::JoinReply {
             key: key.clone(),
             conn,
-            repeat,
+            duplicate,
             user_id,
             result: Ok(ack),
         };
         // The joiner's confirmation goes first, so it precedes every event it is counted in.
         self.route(origin, reply);
-        if repeat {
+        if duplicate {
             return;
         }
-        if let (Some((id, info)), Joined::NewMember) = (&member, joined) {
-            let frame = events::member_added(&key.name, id, info);
+        if let (Some(member), Joined::NewMember) = (&member, joined) {
+            let frame = events::member_added(&key.name, &member.user_id, &member.user_info);
             let targets = self.subscriber_shards(&key);
             self.broadcast(&targets, &key, Arc::from(frame), Some(conn));
         }
@@ -127,17 +159,18 @@ impl Shard {
     }
 
     fn cached_or_miss(&self, key: &ChannelKey) -> Arc<[u8]> {
-        match self.cache.borrow().get(key, Instant::now()) {
+        match self.home.cache.borrow().get(key, Instant::now()) {
             Some((frame, _)) => frame.clone(),
             None => Arc::from(events::cache_miss(&key.name)),
         }
     }
 
+    /// Uncounts a socket; announces a presence member's departure and the new count.
     pub(super) fn home_leave(&self, key: ChannelKey, origin: usize, user_id: Option<String>) {
-        let last_of_user = self
-            .home
-            .borrow_mut()
-            .leave(&key, origin, user_id.as_deref());
+        let last_of_user = {
+            let mut channels = self.home.channels.borrow_mut();
+            channels.leave(&key, origin, user_id.as_deref())
+        };
         if let (true, Some(user_id)) = (last_of_user, user_id) {
             let frame = events::member_removed(&key.name, &user_id);
             let targets = self.subscriber_shards(&key);
@@ -149,12 +182,12 @@ impl Shard {
     /// After a join or leave: a user's first/last connection changes their online status;
     /// other channels may announce their subscription count.
     fn count_changed(&self, key: &ChannelKey, joined: bool) {
-        let total = self.home.borrow().get(key).map_or(0, |c| c.total);
+        let total = self.home.channels.borrow().get(key).map_or(0, |c| c.total);
         match ChannelKind::of(&key.name) {
             ChannelKind::ServerToUser if joined && total == 1 => self.user_status(key, true),
             ChannelKind::ServerToUser if !joined && total == 0 => self.user_status(key, false),
             ChannelKind::ServerToUser | ChannelKind::Presence => {}
-            _ if self.shared.app(key.app).enable_subscription_count => {
+            _ if self.node.app(key.app).enable_subscription_count => {
                 self.send_subscription_count(key, Instant::now())
             }
             _ => {}
@@ -164,8 +197,8 @@ impl Shard {
     /// Sends the current count to every subscriber, or marks it pending while throttled.
     fn send_subscription_count(&self, key: &ChannelKey, now: Instant) {
         let (targets, count) = {
-            let mut home = self.home.borrow_mut();
-            let Some(channel) = home.get_mut(key) else {
+            let mut channels = self.home.channels.borrow_mut();
+            let Some(channel) = channels.get_mut(key) else {
                 return;
             };
             let recent = channel
@@ -174,7 +207,7 @@ impl Shard {
             if channel.total > COUNT_THROTTLE_ABOVE && recent {
                 if !channel.count_pending {
                     channel.count_pending = true;
-                    self.pending_counts.borrow_mut().push(key.clone());
+                    self.home.pending_counts.borrow_mut().push(key.clone());
                 }
                 return;
             }
@@ -186,13 +219,18 @@ impl Shard {
         self.broadcast(&targets, key, Arc::from(frame), None);
     }
 
-    /// From the sweeper: sends the throttled counts whose interval is over.
-    pub(super) fn flush_pending_counts(&self) {
+    /// From the sweeper: sends the throttled counts whose interval is over, and now and then
+    /// drops expired cache entries.
+    pub(super) fn home_tick(&self) {
         let now = Instant::now();
-        let keys = std::mem::take(&mut *self.pending_counts.borrow_mut());
+        if now.duration_since(*self.home.cache_purged.borrow()) >= CACHE_PURGE_INTERVAL {
+            *self.home.cache_purged.borrow_mut() = now;
+            self.home.cache.borrow_mut().purge(now);
+        }
+        let keys = std::mem::take(&mut *self.home.pending_counts.borrow_mut());
         let mut waiting = Vec::new();
         for key in keys {
-            let state = self.home.borrow().get(&key).map(|c| {
+            let state = self.home.channels.borrow().get(&key).map(|c| {
                 let due = c
                     .count_sent
                     .is_none_or(|t| now.duration_since(t) >= COUNT_INTERVAL);
@@ -204,11 +242,11 @@ impl Shard {
                 _ => {}
             }
         }
-        self.pending_counts.borrow_mut().extend(waiting);
+        self.home.pending_counts.borrow_mut().extend(waiting);
     }
 
     fn user_status(&self, key: &ChannelKey, online: bool) {
-        let shards = self.watchers.borrow().shards(key);
+        let shards = self.home.watchers.borrow().shards(key);
         for shard in shards {
             let msg = ShardMsg::UserStatus {
                 key: key.clone(),
@@ -218,16 +256,22 @@ impl Shard {
         }
     }
 
+    /// Registers a watcher of a user homed here and answers with the user's status.
     pub(super) fn home_watch(&self, key: ChannelKey, origin: usize, conn: u64) {
-        self.watchers.borrow_mut().watch(&key, origin);
-        let online = self.home.borrow().get(&key).is_some_and(|c| c.total > 0);
+        self.home.watchers.borrow_mut().watch(&key, origin);
+        let online = {
+            let channels = self.home.channels.borrow();
+            channels.get(&key).is_some_and(|c| c.total > 0)
+        };
         self.route(origin, ShardMsg::WatchReply { key, conn, online });
     }
 
+    /// Uncounts a watcher of a user homed here.
     pub(super) fn home_unwatch(&self, key: ChannelKey, origin: usize) {
-        self.watchers.borrow_mut().unwatch(&key, origin);
+        self.home.watchers.borrow_mut().unwatch(&key, origin);
     }
 
+    /// Closes the connections of a user homed here, on every shard that has some.
     pub(super) fn home_terminate(&self, key: ChannelKey) {
         for shard in self.subscriber_shards(&key) {
             let msg = ShardMsg::CloseUser { key: key.clone() };
@@ -235,38 +279,43 @@ impl Shard {
         }
     }
 
-    pub(super) fn answer(&self, query: Query) -> QueryReply {
-        let home = self.home.borrow();
+    /// Answers a question about the channels homed here.
+    pub(super) fn answer(&self, question: Question) -> Answer {
+        let channels = self.home.channels.borrow();
         let stats = |c: &HomeChannel| ChannelStats {
             subscription_count: c.total,
             user_count: c.user_count(),
         };
-        match query {
-            Query::Channel { key, cache } => {
-                let counts = home.get(&key).map(stats).unwrap_or_default();
-                let cached = cache.then(|| {
-                    let cache = self.cache.borrow();
+        match question {
+            Question::Channel { key, with_cache } => {
+                let cached = with_cache.then(|| {
+                    let cache = self.home.cache.borrow();
                     let (frame, left) = cache.get(&key, Instant::now())?;
                     Some(CachedEvent {
                         frame: frame.clone(),
                         ttl_secs: left.as_secs(),
                     })
                 });
-                QueryReply::Channel(counts, cached.flatten())
+                Answer::Channel(ChannelInfo {
+                    stats: channels.get(&key).map(stats).unwrap_or_default(),
+                    cached: cached.flatten(),
+                })
             }
-            Query::Users(key) => QueryReply::Users(
-                home.get(&key)
+            Question::PresenceUsers(key) => Answer::PresenceUsers(
+                channels
+                    .get(&key)
                     .and_then(|c| c.members.as_ref())
-                    .map(|m| m.iter().map(|(id, _)| id.clone()).collect())
+                    .map(|m| m.iter().map(|m| m.user_id.clone()).collect())
                     .unwrap_or_default(),
             ),
-            Query::List { app, prefix } => QueryReply::List(
-                home.occupied(app, &prefix)
+            Question::Occupied { app, prefix } => Answer::Occupied(
+                channels
+                    .occupied(app, &prefix)
                     .filter(|(k, _)| !k.name.starts_with('#'))
                     .map(|(k, c)| (k.name.to_string(), stats(c)))
                     .collect(),
             ),
-            Query::Barrier => QueryReply::Barrier,
+            Question::Barrier => Answer::Barrier,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Signed-in users (reference §2.5, §3.7, §5.9): `pusher:signin`, delivery to
-//! `#server-to-user-{id}`, watchlists and terminating a user's connections.
+//! The shard side of signed-in users (reference §2.5, §3.7, §5.9): confirming a sign-in,
+//! watchlists, and terminating a user's connections. (`pusher:signin` itself is checked by the
+//! WebSocket session, `websocket::signin`.)
 //!
 //! A user is the channel `#server-to-user-{id}`: its subscribers are the connections signed in as
 //! that user. The user's home shard therefore counts their connections like any channel's, a
@@ -11,10 +12,12 @@ use super::messages::{JoinRequest, ShardMsg};
 use super::Shard;
 use crate::channels::ChannelKey;
 use crate::protocol::codes;
-use crate::protocol::events::{self, SigninData};
+use crate::protocol::events;
 use std::rc::Rc;
 
+/// The user a connection signed in as, kept on the connection (`Conn::user`).
 pub struct SignedIn {
+    /// The user id.
     pub id: Box<str>,
     /// Compact JSON of `user_info` (`null` when absent): the member data of presence channels
     /// joined without `channel_data`.
@@ -32,94 +35,53 @@ pub struct SignedIn {
 }
 
 impl SignedIn {
+    /// A sign-in waiting for its home shard: `user_data` is echoed in `signin_success`, and
+    /// `watchlist` (already cut to the app's limit; `truncated` says it was) is registered once
+    /// the sign-in is confirmed.
+    pub fn new(
+        id: &str,
+        info: &str,
+        user_data: &str,
+        watchlist: Vec<Box<str>>,
+        truncated: bool,
+    ) -> SignedIn {
+        SignedIn {
+            id: id.into(),
+            info: info.into(),
+            confirmed: false,
+            user_data: Some(user_data.into()),
+            watchlist: watchlist.into_iter().map(|id| (id, false)).collect(),
+            watch_pending: 0,
+            watchlist_truncated: truncated,
+        }
+    }
+
     /// The user id, once the sign-in is complete.
     pub fn confirmed_id(&self) -> Option<&str> {
         self.confirmed.then_some(&*self.id)
     }
 }
 
-/// Handles `pusher:signin`. Errors carry code 4009 and never close the connection (§2.5).
-pub fn signin(shard: &Shard, conn: &Conn, data: Option<SigninData>) {
-    let max = shard.max_queued();
-    let fail = |message: &str| {
-        conn.send_vec(events::error(Some(codes::UNAUTHORIZED), message), max);
-    };
-    let app = shard.shared.app(conn.app);
-    if !app.enable_user_authentication {
-        return fail("User authentication is not enabled for this app");
-    }
-    let Some(SigninData {
-        auth,
-        user_data: Some(user_data),
-    }) = data
-    else {
-        return fail("pusher:signin needs data with auth and user_data");
-    };
-    let socket_id = shard.shared.socket_id(conn.id);
-    let to_sign = format!("{socket_id}::user::{user_data}");
-    let token = auth.as_deref().unwrap_or("");
-    if let Err(message) = crate::auth::verify_token(&app.key, &app.secret, token, &to_sign) {
-        return fail(&message);
-    }
-    let user = match events::parse_user_data(&user_data) {
-        Ok(user) => user,
-        Err(message) => return fail(message),
-    };
-    if !app.user_id_fits(&user.id) {
-        let limit = app.max_user_id_length;
-        return fail(&format!("User id is longer than {limit} characters"));
-    }
-    match conn.user.borrow().as_deref() {
-        // Signing in again as the same user: answer again, change nothing.
-        Some(current) if *current.id == *user.id => {
-            if current.confirmed {
-                conn.send_vec(events::signin_success(&user_data), max);
-            }
-            return;
-        }
-        Some(_) => return fail("The connection is already signed in as a different user"),
-        None => {}
-    }
-    let mut watchlist: Vec<(Box<str>, bool)> = Vec::new();
-    let mut watchlist_truncated = false;
-    if app.enable_watchlist_events {
-        for id in user.watchlist {
-            if watchlist.iter().any(|(w, _)| **w == *id) {
-                continue;
-            }
-            if watchlist.len() == app.max_watchlist_size as usize {
-                watchlist_truncated = true;
-                break;
-            }
-            watchlist.push((id.into(), false));
-        }
-    }
-    let key = ChannelKey::user(conn.app, &user.id);
-    *conn.user.borrow_mut() = Some(Box::new(SignedIn {
-        id: user.id.into(),
-        info: user.info.into(),
-        confirmed: false,
-        user_data: Some(user_data.into()),
-        watchlist,
-        watch_pending: 0,
-        watchlist_truncated,
-    }));
-    shard.join(JoinRequest {
-        key,
-        origin: shard.id,
-        conn: conn.id,
-        member: None,
-        max_members: 0,
-        repeat: false,
-    });
-}
-
 impl Shard {
+    /// Starts a sign-in the WebSocket session has verified: the user's home counts the
+    /// connection, and its reply confirms the sign-in (`on_signin_reply`).
+    pub fn sign_in(&self, conn: &Conn, user: SignedIn) {
+        let key = ChannelKey::user(conn.app, &user.id);
+        *conn.user.borrow_mut() = Some(Box::new(user));
+        self.join(JoinRequest {
+            key,
+            origin: self.id,
+            conn: conn.id,
+            member: None,
+            max_members: 0,
+            duplicate: false,
+        });
+    }
+
     /// The user's home counted the connection: confirm the sign-in, start receiving the user's
     /// events, and register the watchlist with each watched user's home.
     pub(super) fn on_signin_reply(&self, key: ChannelKey, conn_id: u64, ok: bool) {
-        let conn = self.conns.borrow().get(&conn_id).cloned();
-        let Some(conn) = conn.filter(|c| !c.is_closing()) else {
+        let Some(conn) = self.conn(conn_id).filter(|c| !c.is_closing()) else {
             if ok {
                 self.leave(key, None);
             }
@@ -135,7 +97,7 @@ impl Shard {
             let user_data = user.user_data.take().unwrap_or_default();
             conn.send_vec(events::signin_success(&user_data), max);
             if user.watchlist_truncated {
-                let limit = self.shared.app(conn.app).max_watchlist_size;
+                let limit = self.node.app(conn.app).max_watchlist_size;
                 let message =
                     format!("Watchlist too long: only its first {limit} user ids are watched");
                 conn.send_vec(
@@ -150,13 +112,10 @@ impl Shard {
                 .collect()
         };
         conn.authorized.set(true);
-        self.local.borrow_mut().add(key, conn.clone());
-        // The user borrow is released: a watched user homed here is answered synchronously.
+        self.fanout.add(key, conn.clone());
         for watched in watched {
-            self.watching
-                .borrow_mut()
-                .add(watched.clone(), conn.clone());
-            let home = watched.home(self.shared.shards);
+            self.watching.add(watched.clone(), conn.clone());
+            let home = watched.home(self.node.shards);
             let msg = ShardMsg::Watch {
                 key: watched,
                 origin: self.id,
@@ -166,9 +125,10 @@ impl Shard {
         }
     }
 
+    /// A watched user's home registered the watch: once all have answered, the connection gets
+    /// its first `watchlist_events`.
     pub(super) fn on_watch_reply(&self, key: &ChannelKey, conn_id: u64, online: bool) {
-        let conn = self.conns.borrow().get(&conn_id).cloned();
-        if let Some(conn) = conn {
+        if let Some(conn) = self.conn(conn_id) {
             if note_status(&conn, key, online, true) {
                 self.send_watch_snapshot(&conn);
             }
@@ -181,7 +141,7 @@ impl Shard {
         let Some(user_id) = key.user_id() else {
             return;
         };
-        let watchers: Vec<Rc<Conn>> = self.watching.borrow().subscribers(key).to_vec();
+        let watchers: Vec<Rc<Conn>> = self.watching.subscribers(key);
         if watchers.is_empty() {
             return;
         }
@@ -220,15 +180,17 @@ impl Shard {
     }
 
     /// `POST .../users/{id}/terminate_connections`: the user's home closes them on every shard.
-    pub fn terminate_user(&self, key: ChannelKey) {
-        let home = key.home(self.shared.shards);
+    pub(super) fn terminate_user(&self, key: ChannelKey) {
+        let home = key.home(self.node.shards);
         self.route(home, ShardMsg::Terminate { key });
     }
 
+    /// Closes this shard's connections signed in as the user (4009).
     pub(super) fn close_user_local(&self, key: &ChannelKey) {
-        let now = self.now_secs();
-        for conn in self.local.borrow().subscribers(key) {
-            conn.close_now(codes::UNAUTHORIZED, "You got disconnected by the app", now);
+        let now = Some(self.now_secs());
+        for conn in self.fanout.subscribers(key) {
+            let reason = "You got disconnected by the app";
+            conn.close_with_error(codes::UNAUTHORIZED, reason, now);
         }
     }
 
@@ -244,8 +206,8 @@ impl Shard {
         }
         for (id, _) in user.watchlist.iter() {
             let watched = ChannelKey::user(conn.app, id);
-            self.watching.borrow_mut().remove(&watched, conn);
-            let home = watched.home(self.shared.shards);
+            self.watching.remove(&watched, conn);
+            let home = watched.home(self.node.shards);
             let msg = ShardMsg::Unwatch {
                 key: watched,
                 origin: self.id,
@@ -253,8 +215,7 @@ impl Shard {
             self.route(home, msg);
         }
         let key = ChannelKey::user(conn.app, &user.id);
-        self.local.borrow_mut().remove(&key, conn);
-        self.leave(key, None);
+        self.unsubscribe_confirmed(key, conn, None);
     }
 }
 

@@ -1,0 +1,96 @@
+//! A shard's life after startup: serving until a shutdown is asked for, then draining (every
+//! connection is closed with 4200) until they are all gone or the drain is over. The signal
+//! thread wakes each shard directly (`Node::wake_shards`), so shutdown never waits for a timer.
+
+use super::Shard;
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
+
+/// Where a shard is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting and serving connections.
+    #[default]
+    Serving,
+    /// Shutting down: no new connections, the open ones are being closed.
+    Draining,
+}
+
+/// The shard's phase and the tasks waiting for the drain to start (the accept loops).
+#[derive(Default)]
+pub(super) struct Lifecycle {
+    phase: Cell<Phase>,
+    drain_waiters: RefCell<Vec<Waker>>,
+}
+
+impl Shard {
+    /// The shard's phase.
+    pub fn phase(&self) -> Phase {
+        self.lifecycle.phase.get()
+    }
+
+    /// Resolves when the shard starts draining (the accept loops stop then).
+    pub async fn draining(&self) {
+        poll_fn(|cx| match self.phase() {
+            Phase::Draining => Poll::Ready(()),
+            Phase::Serving => {
+                // A task polls this again on each of its wakes: keep one waker per task.
+                let mut waiters = self.lifecycle.drain_waiters.borrow_mut();
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Serves until shutdown is asked for, then drains. Returns when the shard is done: all its
+    /// connections are gone or the drain is over. Woken only by the signal thread and by the
+    /// last disconnect, never by a timer.
+    pub async fn lifecycle(&self) {
+        self.wait_for(|| self.node.shutdown.load(Ordering::Acquire))
+            .await;
+        self.begin_drain();
+        self.wait_for(|| {
+            self.conns.borrow().is_empty() || self.node.drain_over.load(Ordering::Acquire)
+        })
+        .await;
+    }
+
+    fn begin_drain(&self) {
+        self.lifecycle.phase.set(Phase::Draining);
+        let waiters = std::mem::take(&mut *self.lifecycle.drain_waiters.borrow_mut());
+        waiters.into_iter().for_each(Waker::wake);
+        let now = Some(self.now_secs());
+        for conn in self.conns.borrow().values() {
+            let reason = "Server shutting down, reconnect";
+            conn.close_with_error(crate::protocol::codes::SHUTTING_DOWN, reason, now);
+        }
+    }
+
+    /// Waits until `done`, woken through the node's lifecycle waker of this shard.
+    async fn wait_for(&self, done: impl Fn() -> bool) {
+        poll_fn(|cx| {
+            if done() {
+                return Poll::Ready(());
+            }
+            self.node.set_lifecycle_waker(self.id, cx.waker());
+            // Checked again: the flag may have been set before the waker was in place.
+            match done() {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Called when a connection is gone: the last one ends a drain.
+    pub(super) fn on_disconnect(&self) {
+        if self.phase() == Phase::Draining && self.conns.borrow().is_empty() {
+            self.node.wake_shard(self.id);
+        }
+    }
+}

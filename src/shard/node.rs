@@ -1,0 +1,159 @@
+//! What every shard of this process reads: the configuration, process-wide counters, and the
+//! hooks other threads use to reach a shard. A shard never writes anything here that another
+//! shard writes too, except the relaxed counters.
+
+use crate::config::{AppConfig, Config};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::task::Waker;
+use std::time::Instant;
+
+/// This server process: one per process, created at startup, shared (`Arc`) by every shard, the
+/// signal thread and the panic hook. Read-mostly: the configuration never changes; counters
+/// are atomics.
+pub struct Node {
+    /// The configuration the process started with.
+    pub config: Config,
+    /// Number of shards (executors) in the process.
+    pub shards: usize,
+    /// First part of every socket id (random per process, so ids differ across restarts/nodes).
+    pub socket_prefix: u32,
+    /// Open WebSocket connections per app (index: the app's position in `config.apps`).
+    pub app_connections: Vec<AtomicU32>,
+    /// Open WebSocket connections in the process.
+    pub connections: AtomicUsize,
+    /// A shutdown was asked for (SIGINT/SIGTERM); set by the signal thread.
+    pub shutdown: AtomicBool,
+    /// The drain after a shutdown request is over: shards stop waiting for connections to close.
+    pub drain_over: AtomicBool,
+    /// Connections closed as slow consumers (4100).
+    pub slow_consumer_closes: AtomicU64,
+    /// Panics caught while handling one connection (that connection was closed).
+    pub contained_panics: AtomicU64,
+    /// Sockets accepted whose first request head has not arrived yet.
+    pub pending_connections: AtomicUsize,
+    /// Each shard's lifecycle task (see `Shard::lifecycle`), woken from the signal thread. glommio
+    /// wakes a task from another thread through its executor's eventfd, so shutdown never
+    /// depends on a timer firing (issue 8: an idle shard whose timers were lost slept through
+    /// SIGTERM).
+    lifecycle_wakers: Mutex<Vec<Option<Waker>>>,
+    /// Bytes each shard's frame readers hold for incomplete messages (one slot per shard, written
+    /// only by its owner; summed only when a shard is over its fair share of the budget).
+    partial_bytes: Vec<ShardCounter>,
+}
+
+/// A counter on a cache line of its own, so that shards writing their own never contend.
+#[repr(align(64))]
+#[derive(Default)]
+struct ShardCounter(AtomicUsize);
+
+impl Node {
+    /// The process state for `config`, run on `shards` shards.
+    pub fn new(config: Config, shards: usize) -> Node {
+        let apps = config.apps.len();
+        Node {
+            config,
+            shards,
+            socket_prefix: random_u32() % 1_000_000_000,
+            app_connections: (0..apps).map(|_| AtomicU32::new(0)).collect(),
+            connections: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            drain_over: AtomicBool::new(false),
+            slow_consumer_closes: AtomicU64::new(0),
+            contained_panics: AtomicU64::new(0),
+            pending_connections: AtomicUsize::new(0),
+            lifecycle_wakers: Mutex::new(vec![None; shards]),
+            partial_bytes: (0..shards).map(|_| ShardCounter::default()).collect(),
+        }
+    }
+
+    /// Wakes every shard's lifecycle task, from any thread.
+    pub fn wake_shards(&self) {
+        let wakers: Vec<Waker> = match self.lifecycle_wakers.lock() {
+            Ok(mut slots) => slots.iter_mut().filter_map(Option::take).collect(),
+            Err(_) => return,
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Wakes one shard's lifecycle task.
+    pub(super) fn wake_shard(&self, shard: usize) {
+        let waker = match self.lifecycle_wakers.lock() {
+            Ok(mut slots) => slots[shard].take(),
+            Err(_) => return,
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Registers `shard`'s lifecycle task to be woken by `wake_shards`/`wake_shard`.
+    pub(super) fn set_lifecycle_waker(&self, shard: usize, waker: &Waker) {
+        if let Ok(mut slots) = self.lifecycle_wakers.lock() {
+            slots[shard] = Some(waker.clone());
+        }
+    }
+
+    /// The app at `index` (an index this process handed out, from `app_by_key`/`app_by_id`).
+    pub fn app(&self, index: u32) -> &AppConfig {
+        &self.config.apps[index as usize]
+    }
+
+    /// The app whose key clients connect with.
+    pub fn app_by_key(&self, key: &str) -> Option<u32> {
+        self.config
+            .apps
+            .iter()
+            .position(|a| a.key == key)
+            .map(|i| i as u32)
+    }
+
+    /// The app whose id the HTTP API names in its paths.
+    pub fn app_by_id(&self, id: &str) -> Option<u32> {
+        self.config
+            .apps
+            .iter()
+            .position(|a| a.id == id)
+            .map(|i| i as u32)
+    }
+
+    /// The Pusher socket id of a connection of this process: `{prefix}.{connection id}`.
+    pub fn socket_id(&self, conn_id: u64) -> String {
+        format!("{}.{}", self.socket_prefix, conn_id)
+    }
+
+    /// Maps a client-supplied socket id to a connection id of this process (None: not ours).
+    pub fn conn_id_of(&self, socket_id: &str) -> Option<u64> {
+        let (prefix, id) = socket_id.split_once('.')?;
+        (prefix.parse::<u32>().ok()? == self.socket_prefix).then_some(())?;
+        id.parse().ok()
+    }
+
+    /// Bytes `shard`'s readers hold for incomplete messages (only that shard writes it).
+    pub(super) fn partial_bytes_of(&self, shard: usize) -> usize {
+        self.partial_bytes[shard].0.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_partial_bytes_of(&self, shard: usize, total: usize) {
+        self.partial_bytes[shard].0.store(total, Ordering::Relaxed);
+    }
+
+    /// Bytes all shards' readers hold for incomplete messages.
+    pub(super) fn partial_bytes_total(&self) -> usize {
+        self.partial_bytes
+            .iter()
+            .map(|c| c.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(buf)
+    } else {
+        std::process::id() ^ (Instant::now().elapsed().subsec_nanos())
+    }
+}

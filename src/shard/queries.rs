@@ -1,0 +1,70 @@
+//! What the HTTP API asks of the runtime, one async method per question, each returning its own
+//! type. Counts come from each channel's home shard, so they are exact across shards.
+
+use super::messages::{ChannelInfo, ChannelStats, Publication};
+use super::Shard;
+use crate::channels::ChannelKey;
+
+impl Shard {
+    /// Publishes every publication, then waits until the channels' home shards have handled
+    /// them, so that a publisher who waits for its HTTP response sees its events delivered in
+    /// order even when its next request lands on another shard.
+    pub async fn publish_all(&self, publications: Vec<Publication>) {
+        let mut homes: Vec<usize> = publications
+            .iter()
+            .map(|p| p.key.home(self.node.shards))
+            .collect();
+        for publication in publications {
+            self.publish(publication);
+        }
+        self.barriers(&mut homes).await;
+    }
+
+    /// Waits until each of `homes` has handled everything this shard sent it so far.
+    async fn barriers(&self, homes: &mut Vec<usize>) {
+        homes.sort_unstable();
+        homes.dedup();
+        for &home in homes.iter() {
+            self.mesh.barrier(self.id, home).await;
+        }
+    }
+
+    /// A channel's counts and, with `with_cache`, its cached event (cache channels).
+    pub async fn channel_info(&self, key: ChannelKey, with_cache: bool) -> ChannelInfo {
+        let home = key.home(self.node.shards);
+        self.mesh.ask_channel(self.id, home, key, with_cache).await
+    }
+
+    /// A channel's counts.
+    pub async fn channel_stats(&self, key: ChannelKey) -> ChannelStats {
+        self.channel_info(key, false).await.stats
+    }
+
+    /// The user ids of a presence channel, in join order.
+    pub async fn presence_user_ids(&self, key: ChannelKey) -> Vec<String> {
+        let home = key.home(self.node.shards);
+        self.mesh.ask_presence_users(self.id, home, key).await
+    }
+
+    /// The occupied channels of `app` whose names start with `prefix`, sorted by name, from
+    /// every shard.
+    pub async fn occupied_channels(&self, app: u32, prefix: &str) -> Vec<(String, ChannelStats)> {
+        let mut all = Vec::new();
+        for shard in 0..self.node.shards {
+            let list = self
+                .mesh
+                .ask_occupied(self.id, shard, app, prefix.to_owned());
+            all.extend(list.await);
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Closes every connection signed in as the user, on every shard, and waits until the
+    /// user's home has sent the closes out.
+    pub async fn terminate_user_connections(&self, key: ChannelKey) {
+        let mut home = vec![key.home(self.node.shards)];
+        self.terminate_user(key);
+        self.barriers(&mut home).await;
+    }
+}
