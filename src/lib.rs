@@ -1,14 +1,17 @@
 //! shardpush: a Pusher Channels protocol server on a thread-per-core glommio runtime.
 //!
-//! Layout (read in this order):
+//! Layout, lowest layer first (each imports only from the layers above it in this list):
 //! - `protocol`: wire format (channel names, event envelopes, WebSocket frames), pure functions.
 //! - `auth`: HMAC signatures and constant-time comparison.
 //! - `config`: TOML + environment + command line.
-//! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
-//! - `shard`: the runtime of one core: connections, message routing, fanout, liveness.
-//! - `http`: HTTP/1.1 handling and the signed HTTP API.
-//! - `server`: startup, executors, listeners, signals.
 //! - `log`: operator messages that can never stall or stop a thread.
+//! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
+//! - `shard`: the runtime of one core: connections, the mesh between shards, fanout, the home
+//!   side of channels, liveness, shutdown.
+//! - `http` and `websocket`: the sessions, one per kind of socket; they drive the runtime.
+//! - `server`: startup, executors, listeners, signals.
+
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod channels;

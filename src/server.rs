@@ -58,6 +58,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
+/// Shards to run: `shards` from the configuration, or one per CPU.
 pub fn shard_count(config: &Config) -> usize {
     if config.shards > 0 {
         config.shards
@@ -66,13 +67,13 @@ pub fn shard_count(config: &Config) -> usize {
     }
 }
 
-/// Runs the server until SIGINT/SIGTERM. Returns an error if it could not start.
 /// io_uring depth per ring. Every idle socket keeps a poll request in the ring, and glommio
 /// cancels and re-arms a timer on each reactor turn; the kernel finds the request to cancel in a
 /// hash table sized from the ring depth (8 buckets at glommio's default of 128, the maximum of
 /// 256 from 4,096 on). With the default, each cancel walked ~1/8 of all sockets.
 const RING_DEPTH: usize = 4096;
 
+/// Runs the server until SIGINT/SIGTERM. Returns an error if it could not start.
 pub fn run(config: Config) -> io::Result<()> {
     let shards = shard_count(&config);
     let (addr, _reserved) = reserve(resolve(&config.host, config.port)?).map_err(|e| {

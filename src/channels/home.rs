@@ -27,12 +27,14 @@ pub struct HomeChannel {
     /// When `pusher_internal:subscription_count` last went out, and whether a change since then
     /// is waiting for the throttle (busy channels get it at most every few seconds).
     pub count_sent: Option<std::time::Instant>,
+    /// A count change waits for the throttle (the sweeper sends it).
     pub count_pending: bool,
 }
 
 /// What a join did to a presence channel.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Joined {
+    /// Another socket of a user already in the channel (or not a presence channel).
     Socket,
     /// The user's first socket: announce `member_added`.
     NewMember,

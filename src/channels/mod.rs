@@ -11,11 +11,14 @@ pub mod watch;
 /// An app's channel. Owned strings so it can cross shards.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ChannelKey {
+    /// The app (index into the configured apps).
     pub app: u32,
+    /// The channel name, as clients and the HTTP API spell it.
     pub name: Box<str>,
 }
 
 impl ChannelKey {
+    /// The channel `name` of `app`.
     pub fn new(app: u32, name: &str) -> ChannelKey {
         ChannelKey {
             app,

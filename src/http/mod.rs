@@ -14,11 +14,16 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
 
+/// Longest request head accepted (431 beyond).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
+/// A parsed request head, owned (it outlives the read buffer it came from).
 pub struct Head {
+    /// `GET`, `POST`, ...
     pub method: String,
+    /// Path and query, as sent.
     pub target: String,
+    /// 1 for HTTP/1.1, 0 for HTTP/1.0.
     pub minor_version: u8,
     /// Lower-cased names.
     pub headers: Vec<(String, String)>,
@@ -27,6 +32,7 @@ pub struct Head {
 }
 
 impl Head {
+    /// The first value of header `name` (lower-case).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -41,10 +47,12 @@ impl Head {
             .any(|(_, v)| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     }
 
+    /// A `GET` asking to upgrade to WebSocket.
     pub fn is_websocket_upgrade(&self) -> bool {
         self.method == "GET" && self.header_has_token("upgrade", "websocket")
     }
 
+    /// The client keeps the connection open after the response (HTTP/1.1 unless it says not).
     pub fn keep_alive(&self) -> bool {
         if self.header_has_token("connection", "close") {
             return false;
@@ -52,17 +60,23 @@ impl Head {
         self.minor_version >= 1 || self.header_has_token("connection", "keep-alive")
     }
 
+    /// The target split at `?` (the query is empty when there is none).
     pub fn path_and_query(&self) -> (&str, &str) {
         self.target.split_once('?').unwrap_or((&self.target, ""))
     }
 }
 
+/// What `parse_head` made of the bytes so far.
 pub enum Parsed {
+    /// A whole head.
     Complete(Head),
+    /// Not all of it yet: read more.
     Partial,
+    /// Not HTTP: the message for the 400.
     Invalid(String),
 }
 
+/// Parses a request head from the start of `buf`.
 pub fn parse_head(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; 48];
     let mut req = httparse::Request::new(&mut headers);
@@ -88,6 +102,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     }
 }
 
+/// A complete response: status line, headers and `body`.
 pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
     let reason = match status {
         200 => "OK",

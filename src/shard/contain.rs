@@ -34,6 +34,7 @@ pub fn contain<F: Future>(future: F) -> Contained<F> {
     Contained { future }
 }
 
+/// A future whose panics are caught (see `contain`).
 pub struct Contained<F> {
     future: F,
 }
