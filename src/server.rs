@@ -173,7 +173,8 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     let first = next_signal(&set, None).unwrap_or(0);
     node.shutdown.store(true, Ordering::Release);
     node.wake_shards();
-    crate::log_warn!("signal {first} received, closing connections (4200) and stopping");
+    let code = crate::protocol::codes::SHUTTING_DOWN;
+    crate::log_warn!("signal {first} received, closing connections ({code}) and stopping");
     if let Some(second) = next_signal(&set, Some(drain)) {
         exit_now(second);
     }

@@ -25,9 +25,18 @@ pub const PATH_NOT_FOUND: u16 = 4005;
 pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
 /// No `protocol` parameter (when `allow_missing_protocol` is off).
 pub const NO_PROTOCOL_VERSION: u16 = 4008;
-/// The connection is not authorized for what it did: a refused sign-in, a client event on a
-/// channel it is not a member of, a terminated user, or no authorization in time.
+/// The connection is not authorized for what it did. Pusher uses this one code for four cases,
+/// named below so that each use says which it is.
 pub const UNAUTHORIZED: u16 = 4009;
+/// 4009 as an error on an open connection: a `pusher:signin` refused.
+pub const SIGNIN_REFUSED: u16 = UNAUTHORIZED;
+/// 4009 as an error on an open connection: a client event on a channel the socket is not in.
+pub const NOT_A_MEMBER: u16 = UNAUTHORIZED;
+/// 4009 as a close: the app terminated the user's connections (HTTP API).
+pub const USER_TERMINATED: u16 = UNAUTHORIZED;
+/// 4009 as a close: an authorized-connections app got no sign-in or private subscription in
+/// time.
+pub const AUTHORIZATION_TIMEOUT: u16 = UNAUTHORIZED;
 /// The server is at `max_connections`, or the socket is a slow consumer: back off, reconnect.
 pub const OVER_CAPACITY: u16 = 4100;
 /// The server is shutting down: reconnect (to another node) at once.

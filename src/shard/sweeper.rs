@@ -55,7 +55,7 @@ impl Shard {
                     && now.saturating_sub(conn.connected_at) >= timeout
                 {
                     let reason = format!("Connection not authorized within {timeout} seconds");
-                    conn.close_with_error(codes::UNAUTHORIZED, &reason, now_some);
+                    conn.close_with_error(codes::AUTHORIZATION_TIMEOUT, &reason, now_some);
                     continue;
                 }
             }

@@ -190,7 +190,7 @@ impl Shard {
         let now = Some(self.now_secs());
         for conn in self.fanout.subscribers(key) {
             let reason = "You got disconnected by the app";
-            conn.close_with_error(codes::UNAUTHORIZED, reason, now);
+            conn.close_with_error(codes::USER_TERMINATED, reason, now);
         }
     }
 

@@ -309,7 +309,7 @@ fn client_event(
             Some(sub) if sub.confirmed => sub.user_id.clone(),
             _ => {
                 return fail(
-                    Some(codes::UNAUTHORIZED),
+                    Some(codes::NOT_A_MEMBER),
                     "The client is not a member of the specified channel",
                 )
             }

@@ -11,7 +11,7 @@ use crate::shard::Shard;
 pub fn signin(shard: &Shard, conn: &Conn, data: Option<SigninData>) {
     let max = shard.max_queued();
     let fail = |message: &str| {
-        conn.send_vec(events::error(Some(codes::UNAUTHORIZED), message), max);
+        conn.send_vec(events::error(Some(codes::SIGNIN_REFUSED), message), max);
     };
     let app = shard.node().app(conn.app);
     if !app.enable_user_authentication {
