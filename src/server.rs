@@ -249,16 +249,6 @@ async fn run_shard(
             return;
         }
     };
-    let receivers = Rc::new(receivers);
-    for peer in (0..node.shards).filter(|&p| p != id) {
-        let (shard, receivers) = (shard.clone(), receivers.clone());
-        glommio::spawn_local(async move {
-            while let Ok(Some(msg)) = receivers.recv_from(peer).await {
-                let _ = contain::contain_call("a message from another shard", || shard.handle(msg));
-            }
-        })
-        .detach();
-    }
     let listeners = [Some(addr), api_addr]
         .into_iter()
         .flatten()
@@ -274,7 +264,7 @@ async fn run_shard(
             return;
         }
     };
-    shard.start(Rc::new(senders));
+    shard.start(senders, receivers);
     let mut accepts = Vec::new();
     for (slot, listener) in listeners.into_iter().enumerate() {
         let api_only = slot == 1;

@@ -68,6 +68,11 @@ pub struct Shard {
     read_buffer: RefCell<Box<[u8]>>,
 }
 
+/// This shard's ends of the glommio channel mesh, for sending to each peer.
+pub type MeshSenders = glommio::channels::channel_mesh::Senders<ShardMsg>;
+/// This shard's ends of the glommio channel mesh, for receiving from each peer.
+pub type MeshReceivers = glommio::channels::channel_mesh::Receivers<ShardMsg>;
+
 /// Bytes of the shard's shared receive buffer.
 pub const READ_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -91,12 +96,24 @@ impl Shard {
         }
     }
 
-    /// Starts the shard's own tasks: the pump of each outgoing queue (to peers through `senders`,
-    /// to itself by handling), the flusher and the sweeper.
-    pub fn start(self: &Rc<Self>, senders: Rc<glommio::channels::channel_mesh::Senders<ShardMsg>>) {
+    /// Starts the shard's own tasks: a receiver per peer, the pump of each outgoing queue (to
+    /// peers through the mesh, to itself by handling), the flusher and the sweeper.
+    pub fn start(self: &Rc<Self>, senders: MeshSenders, receivers: MeshReceivers) {
+        let (senders, receivers) = (Rc::new(senders), Rc::new(receivers));
         for peer in 0..self.node.shards {
             let (shard, senders) = (self.clone(), senders.clone());
             glommio::spawn_local(async move { shard.pump(&senders, peer).await }).detach();
+            if peer == self.id {
+                continue;
+            }
+            let (shard, receivers) = (self.clone(), receivers.clone());
+            glommio::spawn_local(async move {
+                while let Ok(Some(msg)) = receivers.recv_from(peer).await {
+                    let _ =
+                        contain::contain_call("a message from another shard", || shard.handle(msg));
+                }
+            })
+            .detach();
         }
         let shard = self.clone();
         glommio::spawn_local(async move { shard.fanout.flusher().await }).detach();
@@ -179,11 +196,7 @@ impl Shard {
     }
 
     /// Drains the queue for `peer`: into the mesh for another shard, into `handle` for this one.
-    async fn pump(
-        &self,
-        senders: &glommio::channels::channel_mesh::Senders<ShardMsg>,
-        peer: usize,
-    ) {
+    async fn pump(&self, senders: &MeshSenders, peer: usize) {
         loop {
             let msg = self.mesh.next_for(peer).await;
             if peer == self.id {
@@ -196,7 +209,7 @@ impl Shard {
     }
 
     /// Handles one message from another shard or from itself.
-    pub fn handle(&self, msg: ShardMsg) {
+    fn handle(&self, msg: ShardMsg) {
         match msg {
             ShardMsg::Join(req) => self.home_join(req),
             ShardMsg::JoinReply {
@@ -237,7 +250,7 @@ impl Shard {
     }
 
     /// Writes `frame` to this shard's subscribers of `key` (see `Fanout::deliver`).
-    pub fn deliver_local(&self, key: &ChannelKey, frame: Rc<[u8]>, except: Option<u64>) {
+    fn deliver_local(&self, key: &ChannelKey, frame: Rc<[u8]>, except: Option<u64>) {
         let slow = self.fanout.deliver(key, frame, except, self.max_queued());
         if slow > 0 {
             let closes = &self.node.slow_consumer_closes;
