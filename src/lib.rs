@@ -12,6 +12,9 @@
 //! - `server`: startup, executors, listeners, signals.
 
 #![warn(missing_docs)]
+// A shard's state lives in `RefCell`s shared by its tasks: a borrow held across an `.await` could be
+// met by another task's borrow.
+#![deny(clippy::await_holding_refcell_ref)]
 
 pub mod auth;
 pub mod channels;

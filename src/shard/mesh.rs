@@ -107,13 +107,19 @@ impl Mesh {
         }
     }
 
-    /// The next message for `shard`, once there is one.
-    pub(super) async fn next_for(&self, shard: usize) -> ShardMsg {
-        poll_fn(|cx| match self.outbox.borrow_mut()[shard].pop_front() {
-            Some(msg) => Poll::Ready(msg),
-            None => {
+    /// The next message queued for `shard`, if any.
+    pub(super) fn pop(&self, shard: usize) -> Option<ShardMsg> {
+        self.outbox.borrow_mut()[shard].pop_front()
+    }
+
+    /// Resolves once a message is queued for `shard`.
+    pub(super) async fn queued(&self, shard: usize) {
+        poll_fn(|cx| {
+            if self.outbox.borrow()[shard].is_empty() {
                 self.pump_wakers.borrow_mut()[shard] = Some(cx.waker().clone());
                 Poll::Pending
+            } else {
+                Poll::Ready(())
             }
         })
         .await

@@ -63,6 +63,8 @@ pub struct Shard {
     /// Signed-in connections of this shard by the `#server-to-user-` key of each user they watch.
     watching: Fanout,
     lifecycle: Lifecycle,
+    /// `handle_own_messages` is running (it never nests).
+    handling_own: Cell<bool>,
     /// Receive buffer shared by every socket of the shard: reads land here and only the bytes of
     /// an incomplete frame are kept per connection.
     read_buffer: RefCell<Box<[u8]>>,
@@ -91,6 +93,7 @@ impl Shard {
             home: Home::new(n),
             watching: Fanout::default(),
             lifecycle: Lifecycle::default(),
+            handling_own: Cell::new(false),
             read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES].into_boxed_slice()),
             node,
         }
@@ -109,8 +112,9 @@ impl Shard {
             let (shard, receivers) = (self.clone(), receivers.clone());
             glommio::spawn_local(async move {
                 while let Ok(Some(msg)) = receivers.recv_from(peer).await {
-                    let _ =
-                        contain::contain_call("a message from another shard", || shard.handle(msg));
+                    let what = "a message from another shard";
+                    let _ = contain::contain_call(what, || shard.handle(msg));
+                    shard.handle_own_messages();
                 }
             })
             .detach();
@@ -195,17 +199,37 @@ impl Shard {
         self.mesh.send(shard, msg);
     }
 
-    /// Drains the queue for `peer`: into the mesh for another shard, into `handle` for this one.
+    /// Drains the queue for `peer`: into the mesh for another shard, into `handle` for this one
+    /// (messages a task sent itself are usually handled before it yields, see
+    /// `handle_own_messages`; this catches the rest).
     async fn pump(&self, senders: &MeshSenders, peer: usize) {
         loop {
-            let msg = self.mesh.next_for(peer).await;
+            self.mesh.queued(peer).await;
             if peer == self.id {
-                let _ = contain::contain_call("a message to its own shard", || self.handle(msg));
-                glommio::yield_if_needed().await;
-            } else if senders.send_to(peer, msg).await.is_err() {
-                return;
+                self.handle_own_messages();
+                continue;
+            }
+            while let Some(msg) = self.mesh.pop(peer) {
+                if senders.send_to(peer, msg).await.is_err() {
+                    return;
+                }
             }
         }
+    }
+
+    /// Handles the messages this shard sent itself, in order, now. Tasks call it between their
+    /// steps (after handling a batch of a socket's frames, after a message from a peer), where
+    /// they hold no borrow, so a reply is written in the same turn as the request: no task
+    /// switch, no extra readiness wait. Never nested: a handler that sends to this shard only
+    /// queues, and the outermost call handles it.
+    pub fn handle_own_messages(&self) {
+        if self.handling_own.replace(true) {
+            return;
+        }
+        while let Some(msg) = self.mesh.pop(self.id) {
+            let _ = contain::contain_call("a message to its own shard", || self.handle(msg));
+        }
+        self.handling_own.set(false);
     }
 
     /// Handles one message from another shard or from itself.

@@ -17,6 +17,7 @@ impl Shard {
         for publication in publications {
             self.publish(publication);
         }
+        self.handle_own_messages();
         self.barriers(&mut homes).await;
     }
 

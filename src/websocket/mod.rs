@@ -154,6 +154,8 @@ fn read_and_handle(
             while let Some(inbound) = reader.next(max_message) {
                 handlers::handle_inbound(&shard, &conn, inbound);
             }
+            // Joins and publishes homed here are answered before this socket is flushed.
+            shard.handle_own_messages();
             if conn.discard_input.get() {
                 reader.fail();
             }
