@@ -119,3 +119,96 @@ impl Cycles {
         (before - self.in_progress.len()) as u64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener};
+
+    /// A listener on an ephemeral loopback port and a pool whose sockets connect to it.
+    fn server_and_pool() -> (TcpListener, Pool) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let SocketAddr::V4(addr) = listener.local_addr().expect("address") else {
+            unreachable!("bound to an IPv4 address")
+        };
+        (
+            listener,
+            Pool::new(addr, b"GET / HTTP/1.1\r\n\r\n".to_vec(), 2),
+        )
+    }
+
+    /// Runs rounds (no new starts beyond `may_start`) until `enough` or 3 s; sums them.
+    fn rounds(
+        c: &mut Cycles,
+        pool: &mut Pool,
+        may_start: u64,
+        enough: fn(&Round) -> bool,
+    ) -> Round {
+        let mut sum = Round {
+            connect_failed: 0,
+            finished: 0,
+            dropped: Vec::new(),
+            stuck: 0,
+        };
+        let deadline = now_ns() + 3 * SEC;
+        while !enough(&sum) && now_ns() < deadline {
+            let r = c.round(pool, may_start, &mut |_, _, event| {
+                matches!(event, WsEvent::Text(_))
+            });
+            sum.connect_failed += r.connect_failed;
+            sum.finished += r.finished;
+            sum.dropped.extend(r.dropped);
+            sum.stuck += r.stuck;
+        }
+        sum
+    }
+
+    #[test]
+    fn a_completed_cycle_is_closed_and_replaced() {
+        let (listener, mut pool) = server_and_pool();
+        let server = std::thread::spawn(move || {
+            // Each client gets the upgrade and one text frame, which completes its cycle.
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().expect("accept");
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi");
+                held.push(s);
+            }
+            held
+        });
+        let mut c = Cycles::new(1, None);
+        let sum = rounds(&mut c, &mut pool, 2, |r| r.finished == 2);
+        assert_eq!((sum.finished, sum.dropped.len(), c.started), (2, 0, 2));
+        assert!(c.in_progress.is_empty());
+        server.join().expect("server thread");
+    }
+
+    #[test]
+    fn a_socket_the_server_closes_is_dropped_with_its_close_code() {
+        let (listener, mut pool) = server_and_pool();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x88\x02\x03\xe8");
+            let (s2, _) = listener.accept().expect("accept");
+            drop(s2); // no close frame
+        });
+        let mut c = Cycles::new(2, None);
+        let sum = rounds(&mut c, &mut pool, 2, |r| r.dropped.len() == 2);
+        let mut codes = sum.dropped;
+        codes.sort();
+        assert_eq!(codes, [None, Some(1000)]);
+        assert_eq!((sum.finished, c.in_progress.len()), (0, 0));
+        server.join().expect("server thread");
+    }
+
+    #[test]
+    fn cycles_older_than_the_limit_are_closed_as_stuck() {
+        let (_listener, mut pool) = server_and_pool(); // never answers
+        let mut c = Cycles::new(2, Some(SEC / 10));
+        let sum = rounds(&mut c, &mut pool, 2, |r| r.stuck == 2);
+        assert_eq!((sum.stuck, sum.finished, c.in_progress.len()), (2, 0, 0));
+    }
+}
