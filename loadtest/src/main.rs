@@ -1,6 +1,7 @@
 //! loadtest: drives any Pusher Channels server (shardpush, sockudo, soketi) with the same
 //! workloads over the public protocol and HTTP API, on loopback only, bounded in time and count.
 
+mod cycles;
 mod measure;
 mod net;
 mod pusher;

@@ -7,6 +7,7 @@
 //! Each part runs on its own thread with its own epoll pool; they start together after setup
 //! (a barrier), stop at the same deadline and report their counts to the main thread.
 
+use crate::cycles::{Cycles, Round};
 use crate::measure::{self, r2, record_latency, Report};
 use crate::net::{encode_frame, now_ns, Phase, Pool, Ws, WsEvent};
 use crate::pusher;
@@ -134,8 +135,8 @@ impl<'a> Errors<'a> {
 }
 
 /// How a socket the server closed ended: its close frame's code, or no close frame.
-fn close_detail(ws: &Ws) -> String {
-    match ws.close_code {
+fn close_detail(close_code: Option<u16>) -> String {
+    match close_code {
         Some(code) => format!("closed by the server with code {code}"),
         None => "closed by the server without a close frame".into(),
     }
@@ -203,7 +204,8 @@ impl Stable<'_> {
             }
             WsEvent::Closed => {
                 self.alive[idx] = false;
-                self.errors.add("stable_closed", &close_detail(ws));
+                self.errors
+                    .add("stable_closed", &close_detail(ws.close_code));
             }
         }
     }
@@ -350,20 +352,6 @@ fn presence_channel(c: usize) -> String {
     format!("presence-soak-{c}")
 }
 
-/// Closes sockets whose cycle has taken too long; returns how many.
-fn close_stuck(pool: &mut Pool, skip: &HashSet<usize>, now: u64) -> usize {
-    let stuck: Vec<usize> = (0..pool.ws.len())
-        .filter(|&i| {
-            let ws = &pool.ws[i];
-            ws.phase != Phase::Closed && !skip.contains(&i) && now - ws.since > STUCK_SECS * SEC
-        })
-        .collect();
-    for &i in &stuck {
-        pool.close_ws(i);
-    }
-    stuck.len()
-}
-
 /// What a cycling socket does with a message; returns true when its cycle just finished.
 /// After the subscription is confirmed it unsubscribes and pings (or, with `leave_by_close`,
 /// just finishes and is closed); the `pusher:pong` finishes the cycle.
@@ -396,6 +384,24 @@ fn cycle_step(
     false
 }
 
+/// Counts a round of `part`'s cycling sockets: failed connects, sockets the server closed and
+/// stuck cycles as errors (`<part>_connect_failed`, `<part>_closed`, `<part>_stuck`: "<what> took
+/// more than ..."), finished cycles on `live`. Returns the cycles finished.
+fn tally(round: &Round, errors: &mut Errors, part: &str, what: &str, live: &AtomicU64) -> u64 {
+    for _ in 0..round.connect_failed {
+        errors.add(&format!("{part}_connect_failed"), "connect() failed");
+    }
+    for &code in &round.dropped {
+        errors.add(&format!("{part}_closed"), &close_detail(code));
+    }
+    for _ in 0..round.stuck {
+        let detail = format!("{what} took more than {STUCK_SECS} s");
+        errors.add(&format!("{part}_stuck"), &detail);
+    }
+    live.fetch_add(round.finished, Relaxed);
+    round.finished
+}
+
 /// Connect, subscribe, unsubscribe, ping, disconnect, with bounded parallelism and rate.
 fn churn_part(a: &SoakArgs, live: &Live, printed: &AtomicUsize, start: &Barrier) -> CycleOut {
     let t = &a.target;
@@ -406,60 +412,20 @@ fn churn_part(a: &SoakArgs, live: &Live, printed: &AtomicUsize, start: &Barrier)
     start.wait();
     let begin = now_ns();
     let end = begin + a.duration * SEC;
-    let (mut cycles, mut open, mut started) = (0u64, 0usize, 0u64);
-    let mut finished = Vec::new();
-    let mut last_scan = begin;
-    let none = HashSet::new();
+    let mut sockets = Cycles::new(a.churn_parallel, Some(STUCK_SECS * SEC));
+    let mut cycles = 0u64;
     while now_ns() < end && a.churn_parallel > 0 {
-        let now = now_ns();
-        while open < a.churn_parallel && started < allowed(a.churn_rate, begin, now) {
-            match pool.open_ws(started as u32, now) {
-                Some(_) => open += 1,
-                None => errors.add("churn_connect_failed", "connect() failed"),
-            }
-            started += 1;
-        }
-        pool.poll(
-            5,
-            &mut |ws, idx, event| match event {
-                WsEvent::Text(text) => {
-                    let channel = churn_channel(ws.tag, a.channels);
-                    let subscribe = |_, id: &str| pusher::subscribe(&app, id, &channel, None);
-                    let e = &mut errors;
-                    if cycle_step(
-                        ws,
-                        text,
-                        &channel,
-                        subscribe,
-                        false,
-                        e,
-                        "churn_pusher_error",
-                    ) {
-                        finished.push(idx);
-                    }
-                }
-                WsEvent::Closed if ws.step != DONE => {
-                    open -= 1;
-                    errors.add("churn_closed", &close_detail(ws));
-                }
-                WsEvent::Closed => {}
-            },
-            &mut |_, _, _| {},
-        );
-        for idx in finished.drain(..) {
-            pool.close_ws(idx);
-            open -= 1;
-            cycles += 1;
-            live.churn.fetch_add(1, Relaxed);
-        }
-        if now_ns() - last_scan > SEC {
-            last_scan = now_ns();
-            for _ in 0..close_stuck(&mut pool, &none, last_scan) {
-                open -= 1;
-                let detail = format!("a churn cycle took more than {STUCK_SECS} s");
-                errors.add("churn_stuck", &detail);
-            }
-        }
+        let may_start = allowed(a.churn_rate, begin, now_ns());
+        let round = sockets.round(&mut pool, may_start, &mut |ws, _, event| {
+            let WsEvent::Text(text) = event else {
+                return false;
+            };
+            let channel = churn_channel(ws.tag, a.channels);
+            let subscribe = |_, id: &str| pusher::subscribe(&app, id, &channel, None);
+            let (e, kind) = (&mut errors, "churn_pusher_error");
+            cycle_step(ws, text, &channel, subscribe, false, e, kind)
+        });
+        cycles += tally(&round, &mut errors, "churn", "a churn cycle", &live.churn);
     }
     CycleOut {
         cycles,
@@ -473,15 +439,13 @@ struct Members<'a, 'b> {
     app: &'b pusher::App,
     channels: usize,
     observers: HashSet<usize>,
-    /// Members in a cycle (opening, joined, leaving).
-    open: usize,
-    finished: Vec<usize>,
     out: CycleOut,
     errors: Errors<'a>,
 }
 
 impl Members<'_, '_> {
-    fn on_ws(&mut self, ws: &mut Ws, idx: usize, event: WsEvent<'_>) {
+    /// Returns true when the event completed a member's cycle.
+    fn on_ws(&mut self, ws: &mut Ws, idx: usize, event: WsEvent<'_>) -> bool {
         let observer = self.observers.contains(&idx);
         match event {
             WsEvent::Text(text) if observer => {
@@ -493,6 +457,7 @@ impl Members<'_, '_> {
                     let text = String::from_utf8_lossy(text);
                     self.errors.add("presence_pusher_error", &text);
                 }
+                false
             }
             WsEvent::Text(text) => {
                 // Member n is user soak-m<n> on channel n % channels; even ones leave by closing.
@@ -504,27 +469,16 @@ impl Members<'_, '_> {
                     pusher::subscribe(app, id, &channel, Some(&data))
                 };
                 let (by_close, e) = (n.is_multiple_of(2), &mut self.errors);
-                if cycle_step(
-                    ws,
-                    text,
-                    &channel,
-                    subscribe,
-                    by_close,
-                    e,
-                    "presence_pusher_error",
-                ) {
-                    self.finished.push(idx);
-                }
+                let kind = "presence_pusher_error";
+                cycle_step(ws, text, &channel, subscribe, by_close, e, kind)
             }
             WsEvent::Closed if observer => {
                 self.errors
-                    .add("presence_observer_closed", &close_detail(ws));
+                    .add("presence_observer_closed", &close_detail(ws.close_code));
+                false
             }
-            WsEvent::Closed if ws.step != DONE => {
-                self.open -= 1;
-                self.errors.add("presence_closed", &close_detail(ws));
-            }
-            WsEvent::Closed => {}
+            // A member closed before its cycle was complete: `Cycles` counts it.
+            WsEvent::Closed => false,
         }
     }
 }
@@ -548,8 +502,6 @@ fn presence_part(a: &SoakArgs, live: &Live, printed: &AtomicUsize, start: &Barri
             .into_iter()
             .filter(|&i| pool.ws[i].step == 2 && pool.ws[i].phase == Phase::Open)
             .collect(),
-        open: 0,
-        finished: Vec::new(),
         out: CycleOut::default(),
         errors: Errors::new(live, printed),
     };
@@ -560,32 +512,12 @@ fn presence_part(a: &SoakArgs, live: &Live, printed: &AtomicUsize, start: &Barri
     start.wait();
     let begin = now_ns();
     let end = begin + a.duration * SEC;
-    let mut started = 0u64;
-    let mut last_scan = begin;
+    let mut members = Cycles::new(a.presence_parallel, Some(STUCK_SECS * SEC));
     while now_ns() < end && pc > 0 && a.presence_parallel > 0 {
-        let now = now_ns();
-        while m.open < a.presence_parallel && started < allowed(a.presence_rate, begin, now) {
-            match pool.open_ws(started as u32, now) {
-                Some(_) => m.open += 1,
-                None => m.errors.add("presence_connect_failed", "connect() failed"),
-            }
-            started += 1;
-        }
-        pool.poll(5, &mut |ws, i, e| m.on_ws(ws, i, e), &mut |_, _, _| {});
-        for idx in m.finished.drain(..) {
-            pool.close_ws(idx);
-            m.open -= 1;
-            m.out.cycles += 1;
-            live.presence.fetch_add(1, Relaxed);
-        }
-        if now_ns() - last_scan > SEC {
-            last_scan = now_ns();
-            for _ in 0..close_stuck(&mut pool, &m.observers, last_scan) {
-                m.open -= 1;
-                let detail = format!("a presence join took more than {STUCK_SECS} s");
-                m.errors.add("presence_stuck", &detail);
-            }
-        }
+        let may_start = allowed(a.presence_rate, begin, now_ns());
+        let round = members.round(&mut pool, may_start, &mut |ws, i, e| m.on_ws(ws, i, e));
+        let (errors, counter) = (&mut m.errors, &live.presence);
+        m.out.cycles += tally(&round, errors, "presence", "a presence join", counter);
     }
     // Members still joining leave now; then every member added must be removed again.
     for i in 0..pool.ws.len() {
@@ -595,7 +527,8 @@ fn presence_part(a: &SoakArgs, live: &Live, printed: &AtomicUsize, start: &Barri
     }
     let drain_end = now_ns() + a.drain * SEC;
     while now_ns() < drain_end {
-        pool.poll(5, &mut |ws, i, e| m.on_ws(ws, i, e), &mut |_, _, _| {});
+        // Only the observers are left: no cycle ends here.
+        pool.poll(5, &mut |ws, i, e| _ = m.on_ws(ws, i, e), &mut |_, _, _| {});
         let out = &m.out;
         if out.member_added == out.member_removed && out.member_added >= out.cycles {
             break;
@@ -726,7 +659,7 @@ impl Pairs<'_> {
             WsEvent::Closed => {
                 self.alive[idx] = false;
                 self.errors
-                    .add("client_event_socket_closed", &close_detail(ws));
+                    .add("client_event_socket_closed", &close_detail(ws.close_code));
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The workloads. Each one opens what it needs, measures, prints its report and stops by itself.
 
+use crate::cycles::Cycles;
 use crate::measure::{self, r2, record_latency, Report};
 use crate::net::{now_ns, Pool, WsEvent};
 use crate::pusher;
@@ -491,44 +492,26 @@ pub fn churn(a: &ChurnArgs) {
     let own_before = measure::own_cpu_secs();
     let start = now_ns();
     let end = start + a.duration.min(t.timeout) * 1_000_000_000;
-    let (mut cycles, mut errors, mut open) = (0u64, 0u64, 0usize);
-    let mut finished: Vec<usize> = Vec::new();
+    let (mut cycles, mut errors) = (0u64, 0u64);
     let mut hist = measure::histogram();
-    let mut n = 0u32;
+    // Socket n (its tag) joins channel n % channels.
+    let mut sockets = Cycles::new(a.parallel, None);
     while now_ns() < end {
-        while open < a.parallel {
-            match pool.open_ws(n % a.channels as u32, now_ns()) {
-                Some(_) => open += 1,
-                None => errors += 1,
+        let round = sockets.round(&mut pool, u64::MAX, &mut |ws, _, event| {
+            let WsEvent::Text(text) = event else {
+                return false;
+            };
+            let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
+                pusher::subscribe(&app, id, &channels[tag as usize % a.channels], None)
+            });
+            if confirmed {
+                record_latency(&mut hist, ws.since, now_ns());
             }
-            n = n.wrapping_add(1);
-        }
-        pool.poll(
-            5,
-            &mut |ws, idx, event| match event {
-                WsEvent::Text(text) => {
-                    let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
-                        pusher::subscribe(&app, id, &channels[tag as usize], None)
-                    });
-                    if confirmed {
-                        record_latency(&mut hist, ws.since, now_ns());
-                        finished.push(idx);
-                    }
-                }
-                WsEvent::Closed => {
-                    if ws.step < 2 {
-                        errors += 1;
-                        open -= 1;
-                    }
-                }
-            },
-            &mut |_, _, _| {},
-        );
-        for idx in finished.drain(..) {
-            pool.close_ws(idx);
-            open -= 1;
-            cycles += 1;
-        }
+            confirmed
+        });
+        // A socket the server closed before its subscription was confirmed is an error.
+        errors += round.connect_failed + round.dropped.len() as u64;
+        cycles += round.finished;
     }
     let secs = (now_ns() - start) as f64 / 1e9;
     let mut r = Report::new("churn", &t.addr().to_string());
@@ -703,64 +686,47 @@ pub fn presence(a: &PresenceArgs) {
     let server_before = server_sample(t);
     let own_before = measure::own_cpu_secs();
     let mut added = measure::histogram();
-    let (mut joins, mut removed, mut errors, mut open) = (0u64, 0u64, 0u64, 0usize);
-    let mut finished = Vec::new();
+    let (mut joins, mut removed, mut errors) = (0u64, 0u64, 0u64);
     let start = now_ns();
     let end = start + a.duration.min(t.timeout) * 1_000_000_000;
-    let mut n = 0u32;
+    // Member n (its tag) joins channel n % channels.
+    let mut members = Cycles::new(a.parallel, None);
     while now_ns() < end {
-        while open < a.parallel {
-            match pool.open_ws(n % a.channels as u32, now_ns()) {
-                Some(_) => open += 1,
-                None => errors += 1,
-            }
-            n = n.wrapping_add(1);
-        }
-        pool.poll(
-            5,
-            &mut |ws, idx, event| match event {
-                WsEvent::Text(text) if observer_set.contains(&idx) => {
-                    if pusher::is_event(text, b"pusher_internal:member_added") {
-                        // The member's user id is its join time: "m<ns>".
-                        if let Some(at) = memchr::memmem::find(text, b"user_id\\\":\\\"m") {
-                            let digits = &text[at + 13..];
-                            let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(0);
-                            if let Ok(ns) = std::str::from_utf8(&digits[..end])
-                                .unwrap_or("")
-                                .parse::<u64>()
-                            {
-                                record_latency(&mut added, ns, now_ns());
-                            }
+        let round = members.round(&mut pool, u64::MAX, &mut |ws, idx, event| match event {
+            WsEvent::Text(text) if observer_set.contains(&idx) => {
+                if pusher::is_event(text, b"pusher_internal:member_added") {
+                    // The member's user id is its join time: "m<ns>".
+                    if let Some(at) = memchr::memmem::find(text, b"user_id\\\":\\\"m") {
+                        let digits = &text[at + 13..];
+                        let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(0);
+                        if let Ok(ns) = std::str::from_utf8(&digits[..end])
+                            .unwrap_or("")
+                            .parse::<u64>()
+                        {
+                            record_latency(&mut added, ns, now_ns());
                         }
-                    } else if pusher::is_event(text, b"pusher_internal:member_removed") {
-                        removed += 1;
                     }
+                } else if pusher::is_event(text, b"pusher_internal:member_removed") {
+                    removed += 1;
                 }
-                WsEvent::Text(text) => {
-                    let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
-                        let data = format!("{{\"user_id\":\"m{}\"}}", now_ns());
-                        pusher::subscribe(&app, id, &channel(tag as usize), Some(&data))
-                    });
-                    if confirmed {
-                        finished.push(idx);
-                    } else if pusher::is_event(text, b"pusher:error") {
-                        errors += 1;
-                    }
+                false
+            }
+            WsEvent::Text(text) => {
+                let confirmed = pusher::advance_subscription(ws, text, |tag, id| {
+                    let data = format!("{{\"user_id\":\"m{}\"}}", now_ns());
+                    let c = tag as usize % a.channels;
+                    pusher::subscribe(&app, id, &channel(c), Some(&data))
+                });
+                if !confirmed && pusher::is_event(text, b"pusher:error") {
+                    errors += 1;
                 }
-                WsEvent::Closed => {
-                    if ws.step < 2 && !observer_set.contains(&idx) {
-                        errors += 1;
-                        open -= 1;
-                    }
-                }
-            },
-            &mut |_, _, _| {},
-        );
-        for idx in finished.drain(..) {
-            pool.close_ws(idx);
-            open -= 1;
-            joins += 1;
-        }
+                confirmed
+            }
+            WsEvent::Closed => false,
+        });
+        // A member the server closed before it joined is an error (an observer closing is not).
+        errors += round.connect_failed + round.dropped.len() as u64;
+        joins += round.finished;
     }
     let secs = (now_ns() - start) as f64 / 1e9;
     let mut r = Report::new("presence", &t.addr().to_string());
