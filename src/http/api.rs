@@ -646,3 +646,61 @@ async fn channel_users(shard: &Shard, app: u32, channel: &str) -> Result<Reply, 
     let users = ids.into_iter().map(|id| User { id }).collect();
     Ok(ok(&UsersBody { users }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn node() -> Node {
+        let mut config = Config::default();
+        config.apps.push(AppConfig {
+            id: "1".into(),
+            key: "k".into(),
+            secret: "s".into(),
+            ..AppConfig::default()
+        });
+        Node::new(config, 1)
+    }
+
+    #[test]
+    fn a_refused_batch_item_is_named_once_in_a_plain_message() {
+        let node = node();
+        let body =
+            br#"{"batch":[{"name":"e","channel":"a","data":"1"},{"channel":"a","data":"2"}]}"#;
+        let error = parse_events(&node, node.app(0), body, true).err().unwrap();
+        assert_eq!(error.status, 400);
+        assert_eq!(error.message, "batch[1]: Missing event name");
+        assert_eq!(
+            error.body(),
+            r#"{"error":"batch[1]: Missing event name"}"#,
+            "rendered once, not a JSON document inside a string"
+        );
+    }
+
+    #[test]
+    fn attributes_serialize_only_what_was_asked() {
+        let stats = ChannelStats {
+            subscription_count: 3,
+            user_count: 2,
+        };
+        let info = Attributes::parse(Some("user_count, subscription_count"));
+        let mut body = ChannelAttributes::of(&stats, info, true);
+        body.occupied = Some(true);
+        body.cache = Some(None);
+        assert_eq!(
+            sonic_rs::to_string(&body).unwrap(),
+            r#"{"occupied":true,"user_count":2,"subscription_count":3,"cache":null}"#
+        );
+        let plain = ChannelAttributes::of(&stats, Attributes::parse(None), true);
+        assert_eq!(sonic_rs::to_string(&plain).unwrap(), "{}");
+        let channels = [("b".to_string(), 1u32), ("a".to_string(), 2)];
+        let listed = ChannelsBody {
+            channels: ByName(&channels),
+        };
+        assert_eq!(
+            sonic_rs::to_string(&listed).unwrap(),
+            r#"{"channels":{"b":1,"a":2}}"#
+        );
+    }
+}

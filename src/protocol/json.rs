@@ -3,35 +3,54 @@
 
 /// Appends `s` as a JSON string literal (with quotes) to `out`.
 pub fn push_str_literal(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 0xf) as usize]);
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
-        start = i + 1;
+    let mut rest = s.as_bytes();
+    while let Some(i) = first_to_escape(rest) {
+        out.extend_from_slice(&rest[..i]);
+        push_escaped(out, rest[i]);
+        rest = &rest[i + 1..];
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.extend_from_slice(rest);
     out.push(b'"');
+}
+
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Index of the first byte JSON needs escaped. Whole 16-byte chunks are tested without an early
+/// exit (the compiler turns that into a few vector instructions): names and ids rarely need any
+/// escaping, so most strings are one scan and one copy.
+fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+    const CHUNK: usize = 16;
+    let mut offset = 0;
+    for chunk in bytes.chunks_exact(CHUNK) {
+        if chunk.iter().fold(false, |any, &b| any | needs_escape(b)) {
+            break;
+        }
+        offset += CHUNK;
+    }
+    let at = bytes[offset..].iter().position(|&b| needs_escape(b))?;
+    Some(offset + at)
+}
+
+fn push_escaped(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0c => out.extend_from_slice(b"\\f"),
+        _ => {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(b >> 4) as usize]);
+            out.push(HEX[(b & 0xf) as usize]);
+        }
+    }
 }
 
 /// Returns `s` as a JSON string literal.
@@ -144,6 +163,26 @@ mod tests {
         assert_eq!(str_literal(r#"a"b\c"#), r#""a\"b\\c""#);
         assert_eq!(str_literal("x\ny\u{1}"), "\"x\\ny\\u0001\"");
         assert_eq!(str_literal("ünï€"), "\"ünï€\"");
+    }
+
+    #[test]
+    fn literal_matches_a_reference_encoder_at_every_position() {
+        // Escapes before, inside and after the 16-byte chunks, and strings of every short length.
+        for len in 0..40 {
+            for at in 0..len {
+                for special in ['"', '\\', '\n', '\u{1}', '\u{1f}', 'é'] {
+                    let mut text: String = "abcdefghijklmnopqrstuvwxyz0123456789ABCD"[..len].into();
+                    text.replace_range(at..at + 1, &special.to_string());
+                    let reference = serde_json::to_string(&text).unwrap();
+                    let ours = str_literal(&text);
+                    let back: String = sonic_rs::from_str(&ours).unwrap();
+                    assert_eq!(back, text, "{text:?}");
+                    if special != '\u{1f}' && special != '\u{1}' {
+                        assert_eq!(ours, reference, "{text:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

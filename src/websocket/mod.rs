@@ -183,25 +183,25 @@ fn pick_subprotocol(offered: &str) -> Option<&str> {
 /// Checks in the reference's order: path, app key, enabled, protocol, app quota, server capacity.
 /// On success the connection is counted (and `Shard::remove_conn` uncounts it).
 fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
-    let shared = shard.node();
+    let node = shard.node();
     let key = match path.rfind("/app/") {
         Some(i) if !path[i + 5..].is_empty() && !path[i + 5..].contains('/') => &path[i + 5..],
         _ => return Err((codes::PATH_NOT_FOUND, "Path not found".into())),
     };
     let key = crate::http::signature::percent_decode(key);
-    let Some(app) = shared.app_by_key(&key) else {
+    let Some(app) = node.app_by_key(&key) else {
         return Err((
             codes::APP_NOT_FOUND,
             format!("App key {key} not in this cluster. Did you forget to specify the cluster?"),
         ));
     };
-    let config = shared.app(app);
+    let config = node.app(app);
     if !config.enabled {
         return Err((codes::APP_DISABLED, "Application disabled".into()));
     }
     let params = parse_query(query);
     match crate::http::signature::get(&params, "protocol") {
-        None if shared.config.allow_missing_protocol => {}
+        None if node.config.allow_missing_protocol => {}
         None => {
             return Err((
                 codes::NO_PROTOCOL_VERSION,
@@ -218,19 +218,19 @@ fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
             }
         },
     }
-    let in_app = shared.app_connections[app as usize].fetch_add(1, Ordering::Relaxed);
+    let in_app = node.app_connections[app as usize].fetch_add(1, Ordering::Relaxed);
     if config.max_connections > 0 && in_app >= config.max_connections {
-        shared.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
+        node.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
         return Err((
             codes::APP_OVER_QUOTA,
             "Application is over connection quota".into(),
         ));
     }
-    let total = shared.connections.fetch_add(1, Ordering::Relaxed);
-    let cap = shared.config.max_connections;
+    let total = node.connections.fetch_add(1, Ordering::Relaxed);
+    let cap = node.config.max_connections;
     if (cap > 0 && total >= cap) || shard.phase() == Phase::Draining {
-        shared.connections.fetch_sub(1, Ordering::Relaxed);
-        shared.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
+        node.connections.fetch_sub(1, Ordering::Relaxed);
+        node.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
         return Err((codes::OVER_CAPACITY, "Over capacity".into()));
     }
     Ok(app)
