@@ -218,3 +218,33 @@ fn deprecated_trigger_and_stats_endpoints_work() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v, json!({"occupied": true, "connection_count": 2}));
 }
+
+#[test]
+fn frames_in_one_read_see_what_the_frame_before_them_did() {
+    // When the channel is homed on the socket's own shard, a subscribe is confirmed before the
+    // next frame of the same read is handled, so a client event right behind it is accepted.
+    let server = Server::start();
+    let channel = homed_on("private-pipelined-", 0);
+    let mut receiver = server.connect_on_shard(0);
+    receiver.subscribe_private(&channel);
+    let mut sender = server.connect_on_shard(0);
+    let auth = sender.auth_for(&channel, None);
+    let subscribe = json!({"event":"pusher:subscribe","data":{"auth":auth,"channel":channel}});
+    let event = json!({"event":"client-hi","channel":channel,"data":{"n":1}});
+    // Both frames leave in one write.
+    for frame in [subscribe, event] {
+        let text = tungstenite::Message::text(frame.to_string());
+        sender.socket.write(text).unwrap();
+    }
+    sender.socket.flush().unwrap();
+    assert_eq!(
+        sender.recv()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    assert!(
+        sender.try_recv(QUIET).is_none(),
+        "no 4009 for the client event"
+    );
+    let got = receiver.recv_event("client-hi");
+    assert_eq!(got["channel"], channel.as_str());
+}

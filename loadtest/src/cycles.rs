@@ -61,13 +61,19 @@ impl Cycles {
     ) -> Round {
         let mut connect_failed = 0;
         while self.in_progress.len() < self.parallel && self.started < may_start {
-            match pool.open_ws(self.started as u32, now_ns()) {
+            let opened = pool.open_ws(self.started as u32, now_ns());
+            self.started += 1;
+            match opened {
                 Some(idx) => {
                     self.in_progress.insert(idx);
                 }
-                None => connect_failed += 1,
+                // No retry in this round: a server that refuses every connect must not keep
+                // the caller from reaching its deadline check.
+                None => {
+                    connect_failed += 1;
+                    break;
+                }
             }
-            self.started += 1;
         }
         let (in_progress, finished) = (&mut self.in_progress, &mut self.finished);
         let mut dropped = Vec::new();

@@ -218,10 +218,11 @@ impl Shard {
     }
 
     /// Handles the messages this shard sent itself, in order, now. Tasks call it between their
-    /// steps (after handling a batch of a socket's frames, after a message from a peer), where
-    /// they hold no borrow, so a reply is written in the same turn as the request: no task
-    /// switch, no extra readiness wait. Never nested: a handler that sends to this shard only
-    /// queues, and the outermost call handles it.
+    /// steps, where they hold no borrow: after each frame of a socket (so the next frame sees a
+    /// join homed here confirmed, as with one shard it always was), after a message from a peer,
+    /// after an HTTP request's sends, after a disconnect and after a sweep. A reply is thus
+    /// written in the same turn as its request: no task switch, no extra readiness wait. Never
+    /// nested: a handler that sends to this shard only queues, and the outermost call handles it.
     pub fn handle_own_messages(&self) {
         if self.handling_own.replace(true) {
             return;

@@ -66,6 +66,7 @@ impl Shard {
     pub async fn terminate_user_connections(&self, key: ChannelKey) {
         let mut home = vec![key.home(self.node.shards)];
         self.terminate_user(key);
+        self.handle_own_messages();
         self.barriers(&mut home).await;
     }
 }

@@ -72,5 +72,6 @@ impl Shard {
                 None => {}
             }
         }
+        self.handle_own_messages();
     }
 }

@@ -119,6 +119,7 @@ impl<F: Future<Output = ()>> Future for Connection<F> {
             this.conn.abort();
         }
         this.shard.remove_conn(&this.conn);
+        this.shard.handle_own_messages();
         Poll::Ready(())
     }
 }
@@ -153,9 +154,10 @@ fn read_and_handle(
         loop {
             while let Some(inbound) = reader.next(max_message) {
                 handlers::handle_inbound(&shard, &conn, inbound);
+                // What the frame sent this shard (a join or sign-in homed here) is handled
+                // before the next frame, so that frame sees its outcome.
+                shard.handle_own_messages();
             }
-            // Joins and publishes homed here are answered before this socket is flushed.
-            shard.handle_own_messages();
             if conn.discard_input.get() {
                 reader.fail();
             }
