@@ -44,6 +44,39 @@ pub struct Config {
     pub allow_missing_protocol: bool,
     /// The apps served (`[[apps]]` tables); with none configured, the development app `DEV_APP`.
     pub apps: Vec<AppConfig>,
+    /// Run as one node of a cluster through Redis (`[cluster]`); None: a single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` table: the Redis server the nodes meet on and how they watch each other.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub redis_url: String,
+    /// This node's name in the cluster; generated (unique per start) when empty.
+    pub node_id: String,
+    /// Prefix of every Redis key and topic, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Seconds between a node's heartbeats.
+    pub heartbeat_interval: u32,
+    /// Seconds without a heartbeat after which the other nodes count a node as dead.
+    pub node_timeout: u32,
+    /// Messages a shard keeps for Redis while the link is down; beyond, publishes are refused.
+    pub max_queued_messages: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: String::new(),
+            node_id: String::new(),
+            prefix: "shardpush".into(),
+            heartbeat_interval: 2,
+            node_timeout: 10,
+            max_queued_messages: 10_000,
+        }
+    }
 }
 
 /// One app's credentials, switches and limits (an `[[apps]]` table). Each WebSocket connection
@@ -118,6 +151,7 @@ impl Default for Config {
             max_partial_message_bytes: 64 << 20,
             allow_missing_protocol: true,
             apps: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -180,6 +214,81 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl ClusterConfig {
+    fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        use redis::IntoConnectionInfo;
+        let key = |field: &str| format!("cluster.{field}");
+        if self.redis_url.is_empty() {
+            return Err(err(source, &key("redis_url"), "is required in [cluster]"));
+        }
+        let info = self
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| err(source, &key("redis_url"), format!("not a Redis URL: {e}")))?;
+        if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
+            return Err(err(
+                source,
+                &key("redis_url"),
+                "only redis:// (TCP, no TLS) is supported",
+            ));
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if self.node_id.len() > 64 || !self.node_id.chars().all(allowed) {
+            return Err(err(
+                source,
+                &key("node_id"),
+                "at most 64 of A-Z, a-z, 0-9, '-', '_', '.'",
+            ));
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}', ' ']) {
+            return Err(err(
+                source,
+                &key("prefix"),
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        if self.heartbeat_interval == 0 {
+            return Err(err(
+                source,
+                &key("heartbeat_interval"),
+                "must be at least 1 second",
+            ));
+        }
+        if self.node_timeout < 2 * self.heartbeat_interval {
+            return Err(err(
+                source,
+                &key("node_timeout"),
+                "must be at least twice heartbeat_interval",
+            ));
+        }
+        if self.max_queued_messages == 0 {
+            return Err(err(
+                source,
+                &key("max_queued_messages"),
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A node id unique per start: the host's name would repeat on a restart, so random bits.
+fn generated_node_id() -> String {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let bits = if n == 8 {
+        u64::from_ne_bytes(buf)
+    } else {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos ^ u64::from(std::process::id())
+    };
+    format!("node-{bits:016x}")
+}
+
 fn err(source: &str, key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         source: source.into(),
@@ -205,6 +314,9 @@ pub struct Cli {
     pub api_port: Option<u16>,
     /// `--shards`: overrides the file and `SHARDPUSH_SHARDS`.
     pub shards: Option<usize>,
+    /// `--redis-url`: run as a cluster node (overrides `[cluster] redis_url`).
+    pub redis_url: Option<String>,
+
     /// `-h`/`--help`: print `HELP` and exit.
     pub help: bool,
     /// `-V`/`--version`: print the version and exit.
@@ -224,6 +336,8 @@ OPTIONS:
     -p, --port <PORT>      Port for WebSocket and HTTP API [env SHARDPUSH_PORT; default 6001; 0 = any free port]
         --api-port <PORT>  Also serve the HTTP API alone on this port
         --shards <N>       Executor threads, one per core [env SHARDPUSH_SHARDS; default: available CPUs]
+        --redis-url <URL>  Run as one node of a cluster through Redis, e.g. redis://127.0.0.1:6379
+                           [env SHARDPUSH_REDIS_URL; see [cluster] in README.md]
     -h, --help             Print this help
     -V, --version          Print the version
 
@@ -265,6 +379,7 @@ impl Cli {
                         &value("--api-port")?,
                     )?)
                 }
+                "--redis-url" => cli.redis_url = Some(value("--redis-url")?),
                 "--shards" => {
                     cli.shards = Some(parse_num("command line", "--shards", &value("--shards")?)?)
                 }
@@ -302,6 +417,12 @@ impl Config {
         if let Some(v) = env("SHARDPUSH_SHARDS") {
             config.shards = parse_num(ENV, "SHARDPUSH_SHARDS", &v)?;
         }
+        if let Some(url) = env("SHARDPUSH_REDIS_URL") {
+            config
+                .cluster
+                .get_or_insert_with(ClusterConfig::default)
+                .redis_url = url;
+        }
         let env_app = (
             env("SHARDPUSH_APP_ID"),
             env("SHARDPUSH_APP_KEY"),
@@ -337,6 +458,15 @@ impl Config {
         }
         if let Some(s) = cli.shards {
             config.shards = s;
+        }
+        if let Some(url) = &cli.redis_url {
+            config
+                .cluster
+                .get_or_insert_with(ClusterConfig::default)
+                .redis_url = url.clone();
+        }
+        if let Some(cluster) = config.cluster.as_mut().filter(|c| c.node_id.is_empty()) {
+            cluster.node_id = generated_node_id();
         }
         if config.apps.is_empty() {
             let (id, key, secret) = DEV_APP;
@@ -406,6 +536,9 @@ impl Config {
         }
         if self.max_ws_message_bytes < 1024 {
             return Err(err(source, "max_ws_message_bytes", "must be at least 1024"));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(source)?;
         }
         if self.max_outbound_queue_bytes < 64 * 1024 {
             return Err(err(
@@ -490,6 +623,13 @@ impl Config {
         Ok(())
     }
 
+    /// The Redis connection settings of `[cluster] redis_url` (validated at load).
+    pub fn redis(&self) -> Option<redis::ConnectionInfo> {
+        use redis::IntoConnectionInfo;
+        let cluster = self.cluster.as_ref()?;
+        cluster.redis_url.as_str().into_connection_info().ok()
+    }
+
     /// Whether the only app is the development app with its public secret, so startup can warn.
     pub fn is_dev_app_only(&self) -> bool {
         self.apps.len() == 1 && self.apps[0].id == DEV_APP.0 && self.apps[0].secret == DEV_APP.2
@@ -502,6 +642,65 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse(args.iter().map(|a| a.to_string())).unwrap()
+    }
+
+    #[test]
+    fn cluster_from_flag_env_or_file_with_a_generated_node_id() {
+        let from_flag = Config::load(&cli(&["--redis-url", "redis://127.0.0.1:7000/2"]), &no_env);
+        let cluster = from_flag.unwrap().cluster.unwrap();
+        assert_eq!(cluster.redis_url, "redis://127.0.0.1:7000/2");
+        assert!(cluster.node_id.starts_with("node-"));
+        assert_eq!(
+            (cluster.prefix.as_str(), cluster.node_timeout),
+            ("shardpush", 10)
+        );
+        let env = |k: &str| (k == "SHARDPUSH_REDIS_URL").then(|| "redis://:pw@h:1".to_owned());
+        let config = Config::load(&Cli::default(), &env).unwrap();
+        let info = config.redis().unwrap();
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+        let other = Config::load(&Cli::default(), &env)
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_ne!(
+            config.cluster.unwrap().node_id,
+            other.node_id,
+            "unique per start"
+        );
+        let toml = "[cluster]\nredis_url = \"redis://r:6379\"\nnode_id = \"a-1\"\nprefix = \"p\"\n";
+        let file = Config::from_toml(toml, "f.toml").unwrap();
+        let cluster = file.cluster.unwrap();
+        assert_eq!(
+            (cluster.node_id.as_str(), cluster.prefix.as_str()),
+            ("a-1", "p")
+        );
+        assert!(Config::load(&Cli::default(), &no_env)
+            .unwrap()
+            .cluster
+            .is_none());
+    }
+
+    #[test]
+    fn cluster_errors_name_the_key() {
+        let bad_url = Config::load(&cli(&["--redis-url", "http://x"]), &no_env).unwrap_err();
+        assert_eq!(bad_url.key, "cluster.redis_url");
+        let toml = "[cluster]\nredis_url = \"redis://h\"\nnode_id = \"no spaces\"\n";
+        let mut config = Config::from_toml(toml, "f.toml").unwrap();
+        config.apps.push(AppConfig {
+            id: "1".into(),
+            key: "k".into(),
+            secret: "s".into(),
+            ..AppConfig::default()
+        });
+        let e = config.validate("f.toml").unwrap_err();
+        assert_eq!(
+            (e.source.as_str(), e.key.as_str()),
+            ("f.toml", "cluster.node_id")
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - `config`: TOML + environment + command line.
 //! - `log`: operator messages that can never stall or stop a thread.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
+//! - `cluster`: several nodes through Redis: each shard's Redis link and the message format.
 //! - `shard`: the runtime of one core: connections, the mesh between shards, fanout, the home
 //!   side of channels, liveness, shutdown.
 //! - `http` and `websocket`: the sessions, one per kind of socket; they drive the runtime.
@@ -18,6 +19,7 @@
 
 pub mod auth;
 pub mod channels;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod log;

@@ -172,6 +172,8 @@ pub struct Event {
     pub channels: Vec<String>,
     /// The connection the publisher asked to leave out (`socket_id`).
     pub except: Option<u64>,
+    /// The `socket_id` to leave out when it is not a connection of this node.
+    pub except_elsewhere: Option<Box<str>>,
     info: Attributes,
 }
 
@@ -286,8 +288,8 @@ fn validate(
             "Cannot trigger to several channels when one of them is private-encrypted-",
         ));
     }
-    let except = match input.socket_id {
-        None => None,
+    let (except, except_elsewhere) = match input.socket_id {
+        None => (None, None),
         Some(id) => {
             let valid = id.split_once('.').is_some_and(|(a, b)| {
                 !a.is_empty()
@@ -298,8 +300,11 @@ fn validate(
             if !valid {
                 return Err(fail(400, format!("Invalid socket_id '{id}'")));
             }
-            // A socket id of another node matches no socket here.
-            Some(node.conn_id_of(&id).unwrap_or(u64::MAX))
+            match node.conn_id_of(&id) {
+                Some(conn) => (Some(conn), None),
+                // Another node's socket: that node leaves it out.
+                None => (None, Some(Box::from(&*id))),
+            }
         }
     };
     let info = Attributes::parse(input.info.as_deref());
@@ -308,13 +313,14 @@ fn validate(
         data: literal,
         channels,
         except,
+        except_elsewhere,
         info,
     })
 }
 
 /// Publishes every event to each of its channels, encoded once per channel, and waits until
 /// the channels' home shards have sequenced them.
-async fn publish(shard: &Shard, app: u32, events: &[Event]) {
+async fn publish(shard: &Shard, app: u32, events: &[Event]) -> Result<(), ApiError> {
     let mut publications = Vec::new();
     for event in events {
         for channel in &event.channels {
@@ -323,11 +329,23 @@ async fn publish(shard: &Shard, app: u32, events: &[Event]) {
                 key: ChannelKey::new(app, channel),
                 frame: Arc::from(frame),
                 except: event.except,
+                except_elsewhere: event.except_elsewhere.clone(),
                 cache: is_cache_channel(channel),
+                ticket: None,
             });
         }
     }
-    shard.publish_all(publications).await;
+    let refused = shard.publish_all(publications).await;
+    if refused > 0 {
+        return Err(fail(
+            503,
+            format!(
+                "Redis is unreachable and this node's queue for it is full: {refused} \
+                 publication(s) reached subscribers on this node only; retry later"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A channel's attributes in a response; absent fields were not asked for.
@@ -480,7 +498,7 @@ async fn trigger(
 ) -> Result<Reply, ApiError> {
     let event = parse_events(shard.node(), config, body, false)?.remove(0);
     shard.backpressure().await;
-    publish(shard, app, std::slice::from_ref(&event)).await;
+    publish(shard, app, std::slice::from_ref(&event)).await?;
     if !event.info.requested {
         return Ok(ok(&Empty {}));
     }
@@ -502,7 +520,7 @@ async fn batch(
     }
     let events = parse_events(shard.node(), config, body, true)?;
     shard.backpressure().await;
-    publish(shard, app, &events).await;
+    publish(shard, app, &events).await?;
     if events.iter().all(|e| !e.info.requested) {
         return Ok(ok(&Empty {}));
     }
@@ -608,7 +626,7 @@ async fn deprecated_trigger(
     };
     let event = validate(shard.node(), config, input, true)?;
     shard.backpressure().await;
-    publish(shard, app, std::slice::from_ref(&event)).await;
+    publish(shard, app, std::slice::from_ref(&event)).await?;
     Ok(ok(&Empty {}))
 }
 

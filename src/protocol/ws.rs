@@ -32,6 +32,30 @@ pub fn encode_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The payload of a frame made by `encode_frame` (server frames are never masked).
+/// Whether `frame` is exactly one complete, unfragmented server text frame with a UTF-8 payload:
+/// what a frame from another node must be before it is written to sockets here.
+pub fn is_complete_text_frame(frame: &[u8]) -> bool {
+    let (Some(&first), Some(&second)) = (frame.first(), frame.get(1)) else {
+        return false;
+    };
+    if first != 0x80 | OP_TEXT || second & 0x80 != 0 {
+        return false;
+    }
+    let (header, len): (usize, usize) = match second & 0x7f {
+        126 => match frame.get(2..4) {
+            Some(b) => (4, u16::from_be_bytes([b[0], b[1]]) as usize),
+            None => return false,
+        },
+        127 => match frame.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            Some(b) => (10, u64::from_be_bytes(b) as usize),
+            None => return false,
+        },
+        n => (2, n as usize),
+    };
+    frame.len() == header.saturating_add(len) && std::str::from_utf8(&frame[header..]).is_ok()
+}
+
+/// The payload of a frame this server encoded (header skipped, no validation).
 pub fn payload_of(frame: &[u8]) -> &[u8] {
     let header = match frame.get(1).map(|b| b & 0x7f) {
         Some(126) => 4,

@@ -25,6 +25,14 @@ const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// Expired cache entries are dropped once a minute (by the sweeper).
 const CACHE_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// A counted join whose confirmation, `member_added` and count may wait for the cluster.
+pub(super) struct Announcement {
+    origin: usize,
+    reply: ShardMsg,
+    pub(super) key: ChannelKey,
+    member_added: Option<(Arc<[u8]>, u64)>,
+}
+
 /// The tables of the channels and users homed on one shard.
 pub(super) struct Home {
     channels: RefCell<HomeChannels>,
@@ -58,8 +66,14 @@ impl Shard {
             key,
             frame,
             except,
+            except_elsewhere,
             cache,
+            ticket,
         } = publication;
+        let forwarded = self.publish_to_cluster(&key, &frame, except_elsewhere.as_deref());
+        if let (false, Some((origin, ticket))) = (forwarded, ticket) {
+            self.route(origin, ShardMsg::PublishRefused { ticket });
+        }
         if cache {
             let ttl = Duration::from_secs(self.node.app(key.app).cache_ttl as u64);
             let mut stored = self.home.cache.borrow_mut();
@@ -69,7 +83,12 @@ impl Shard {
         self.broadcast(&targets, &key, frame, except);
     }
 
-    fn subscriber_shards(&self, key: &ChannelKey) -> Vec<usize> {
+    /// Sockets of this node subscribed to a channel homed here.
+    pub(super) fn subscribers_on_node(&self, key: &ChannelKey) -> u32 {
+        self.home.channels.borrow().get(key).map_or(0, |c| c.total)
+    }
+
+    pub(super) fn subscriber_shards(&self, key: &ChannelKey) -> Vec<usize> {
         self.home
             .channels
             .borrow()
@@ -80,7 +99,7 @@ impl Shard {
     /// Sends one frame to each target shard, which writes it to its local subscribers. This
     /// shard gets it as a message too, so it stays in order with the replies already sent
     /// (a joiner's confirmation goes before the count it is part of).
-    fn broadcast(
+    pub(super) fn broadcast(
         &self,
         targets: &[usize],
         key: &ChannelKey,
@@ -145,15 +164,42 @@ impl Shard {
             user_id,
             result: Ok(ack),
         };
-        // The joiner's confirmation goes first, so it precedes every event it is counted in.
-        self.route(origin, reply);
         if duplicate {
-            return;
+            return self.route(origin, reply);
         }
-        if let (Some(member), Joined::NewMember) = (&member, joined) {
-            let frame = events::member_added(&key.name, &member.user_id, &member.user_info);
+        let member_added = match (&member, joined) {
+            (Some(member), Joined::NewMember) => {
+                let frame = events::member_added(&key.name, &member.user_id, &member.user_info);
+                Some((Arc::from(frame), conn))
+            }
+            _ => None,
+        };
+        let announcement = Announcement {
+            origin,
+            reply,
+            key,
+            member_added,
+        };
+        // A node's first subscriber is confirmed once Redis has the node's subscription, so
+        // that whatever is published anywhere after the confirmation reaches it.
+        if let Some(announcement) = self.hold_for_cluster(announcement) {
+            self.announce(announcement);
+        }
+    }
+
+    /// Tells a counted join: the joiner's confirmation first, so it precedes every event it is
+    /// counted in, then `member_added` and the new count.
+    pub(super) fn announce(&self, announcement: Announcement) {
+        let Announcement {
+            origin,
+            reply,
+            key,
+            member_added,
+        } = announcement;
+        self.route(origin, reply);
+        if let Some((frame, conn)) = member_added {
             let targets = self.subscriber_shards(&key);
-            self.broadcast(&targets, &key, Arc::from(frame), Some(conn));
+            self.broadcast(&targets, &key, frame, Some(conn));
         }
         self.count_changed(&key, true);
     }
@@ -175,6 +221,9 @@ impl Shard {
             let frame = events::member_removed(&key.name, &user_id);
             let targets = self.subscriber_shards(&key);
             self.broadcast(&targets, &key, Arc::from(frame), None);
+        }
+        if self.home.channels.borrow().get(&key).is_none() {
+            self.leave_cluster_topic(&key);
         }
         self.count_changed(&key, false);
     }

@@ -45,6 +45,12 @@ pub enum ShardMsg {
         /// A connection that must not get it (the publisher's own socket).
         except: Option<u64>,
     },
+    /// From a channel's home to the publishing shard: the publication with this ticket could
+    /// not be passed on to the other nodes (Redis away, queue full).
+    PublishRefused {
+        /// The ticket of the publication.
+        ticket: u64,
+    },
     /// To the home of the user `key` stands for: connection `conn` of `origin` watches that user.
     Watch {
         /// The watched user's `#server-to-user-` key.
@@ -114,8 +120,14 @@ pub struct Publication {
     pub frame: Arc<[u8]>,
     /// A connection that must not get it (the publisher's `socket_id`).
     pub except: Option<u64>,
+    /// The publisher's `socket_id` when it is not a connection of this node (another node
+    /// excludes it).
+    pub except_elsewhere: Option<Box<str>>,
     /// An HTTP API event on a cache channel: kept for later subscribers.
     pub cache: bool,
+    /// Set by `Shard::publish_all`: (publishing shard, ticket). If the other nodes cannot be
+    /// told, the home answers `PublishRefused` with the ticket before the publisher's barrier.
+    pub ticket: Option<(usize, u64)>,
 }
 
 /// What the home shard sends with a successful join.

@@ -24,6 +24,7 @@ mod mesh;
 pub mod messages;
 mod node;
 mod queries;
+mod remote;
 mod sweeper;
 pub mod users;
 
@@ -63,6 +64,14 @@ pub struct Shard {
     /// Signed-in connections of this shard by the `#server-to-user-` key of each user they watch.
     watching: Fanout,
     lifecycle: Lifecycle,
+    /// This shard's part of the cluster (None: a single node).
+    cluster: Option<crate::cluster::Cluster>,
+    /// Join announcements waiting for Redis to confirm the node's subscription, by topic.
+    awaiting_subscription: RefCell<AHashMap<Vec<u8>, Vec<home::Announcement>>>,
+    /// Tickets of this shard's publications that other nodes could not be told of.
+    refused_tickets: RefCell<ahash::AHashSet<u64>>,
+    /// The link's state as last logged (None: not yet).
+    cluster_link_up: Cell<Option<bool>>,
     /// `handle_own_messages` is running (it never nests).
     handling_own: Cell<bool>,
     /// Receive buffer shared by every socket of the shard: reads land here and only the bytes of
@@ -94,6 +103,13 @@ impl Shard {
             watching: Fanout::default(),
             lifecycle: Lifecycle::default(),
             handling_own: Cell::new(false),
+            cluster: node.config.cluster.as_ref().and_then(|cluster| {
+                let redis = node.config.redis()?;
+                Some(crate::cluster::Cluster::new(cluster, &redis))
+            }),
+            awaiting_subscription: RefCell::new(AHashMap::new()),
+            cluster_link_up: Cell::new(None),
+            refused_tickets: RefCell::new(ahash::AHashSet::new()),
             read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES].into_boxed_slice()),
             node,
         }
@@ -121,6 +137,16 @@ impl Shard {
         }
         let shard = self.clone();
         glommio::spawn_local(async move { shard.fanout.flusher().await }).detach();
+        if self.cluster.is_some() {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                if let Some(cluster) = &shard.cluster {
+                    let on_event = |event| shard.on_cluster_event(event);
+                    cluster.link.run(&on_event).await;
+                }
+            })
+            .detach();
+        }
         glommio::spawn_local(self.clone().sweep()).detach();
     }
 
@@ -271,6 +297,9 @@ impl Shard {
                 self.route(origin, ShardMsg::Answer { id, answer });
             }
             ShardMsg::Answer { id, answer } => self.mesh.answered(id, answer),
+            ShardMsg::PublishRefused { ticket } => {
+                self.refused_tickets.borrow_mut().insert(ticket);
+            }
         }
     }
 

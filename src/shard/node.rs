@@ -30,6 +30,10 @@ pub struct Node {
     pub slow_consumer_closes: AtomicU64,
     /// Panics caught while handling one connection (that connection was closed).
     pub contained_panics: AtomicU64,
+    /// Publishes to other nodes refused because Redis was away and the queue was full.
+    pub cluster_publishes_refused: AtomicU64,
+    /// Unreadable messages on cluster topics, skipped.
+    pub cluster_messages_skipped: AtomicU64,
     /// Sockets accepted whose first request head has not arrived yet.
     pub pending_connections: AtomicUsize,
     /// Each shard's lifecycle task (see `Shard::lifecycle`), woken from the signal thread. glommio
@@ -62,6 +66,8 @@ impl Node {
             slow_consumer_closes: AtomicU64::new(0),
             contained_panics: AtomicU64::new(0),
             pending_connections: AtomicUsize::new(0),
+            cluster_publishes_refused: AtomicU64::new(0),
+            cluster_messages_skipped: AtomicU64::new(0),
             lifecycle_wakers: Mutex::new(vec![None; shards]),
             partial_bytes: (0..shards).map(|_| ShardCounter::default()).collect(),
         }

@@ -8,17 +8,25 @@ use crate::channels::ChannelKey;
 impl Shard {
     /// Publishes every publication, then waits until the channels' home shards have handled
     /// them, so that a publisher who waits for its HTTP response sees its events delivered in
-    /// order even when its next request lands on another shard.
-    pub async fn publish_all(&self, publications: Vec<Publication>) {
+    /// order even when its next request lands on another shard. Returns how many could not be
+    /// passed on to the other nodes of a cluster (0 on a single node).
+    pub async fn publish_all(&self, publications: Vec<Publication>) -> usize {
         let mut homes: Vec<usize> = publications
             .iter()
             .map(|p| p.key.home(self.node.shards))
             .collect();
-        for publication in publications {
+        let mut tickets = Vec::with_capacity(publications.len());
+        for mut publication in publications {
+            let ticket = self.new_id();
+            publication.ticket = Some((self.id, ticket));
+            tickets.push(ticket);
             self.publish(publication);
         }
         self.handle_own_messages();
         self.barriers(&mut homes).await;
+        // A refusal arrives before its home's barrier answer (one queue per pair of shards).
+        let mut refused = self.refused_tickets.borrow_mut();
+        tickets.iter().filter(|t| refused.remove(t)).count()
     }
 
     /// Waits until each of `homes` has handled everything this shard sent it so far.

@@ -365,7 +365,9 @@ fn client_event(
         key: ChannelKey::new(conn.app, channel),
         frame: Arc::from(frame),
         except: Some(conn.id),
+        except_elsewhere: None,
         cache: false,
+        ticket: None,
     });
 }
 

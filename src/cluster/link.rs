@@ -1,0 +1,309 @@
+//! One shard's link to Redis: a glommio socket speaking RESP3 (`HELLO 3`), so that one link
+//! carries both commands and pub/sub pushes. Commands are queued and written together (one
+//! write for everything pending); replies are parsed with the `redis` crate's incremental parser
+//! (which keeps its state between reads, so no byte is read twice). The link reconnects by
+//! itself, resubscribes its topics, and holds a bounded queue of commands while Redis is away.
+
+use ahash::AHashSet;
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use redis::{ConnectionAddr, ConnectionInfo, PushKind, Value};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, Read};
+use std::pin::Pin;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+/// What the link tells its shard.
+pub enum LinkEvent {
+    /// A message on a subscribed topic.
+    Message {
+        /// The topic.
+        topic: Vec<u8>,
+        /// The message as published.
+        payload: Vec<u8>,
+    },
+    /// Redis confirmed a subscription: messages published from now on reach this link.
+    Subscribed(Vec<u8>),
+    /// The link is connected and its topics are (being) resubscribed.
+    Up,
+    /// The link lost Redis; it keeps trying.
+    Down(String),
+}
+
+/// A command waiting to be written, and whether a regular reply will answer it.
+struct Queued {
+    bytes: Vec<u8>,
+    expects_reply: bool,
+}
+
+/// One shard's Redis link. Owned by the shard; its task is `run`.
+pub struct RedisLink {
+    host: String,
+    port: u16,
+    db: i64,
+    username: Option<String>,
+    password: Option<String>,
+    /// Commands not yet written, in order; `written` bytes of the front one are out.
+    queue: RefCell<VecDeque<Queued>>,
+    written: Cell<usize>,
+    /// Regular replies still due for commands already written (RESP3 pushes are not counted).
+    replies_due: Cell<usize>,
+    max_queued: usize,
+    up: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+    /// Topics this shard wants: subscribed again on every (re)connect.
+    topics: RefCell<AHashSet<Vec<u8>>>,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+impl RedisLink {
+    /// A link to the Redis of `info` (TCP only), keeping at most `max_queued` commands while
+    /// Redis is unreachable.
+    pub fn new(info: &ConnectionInfo, max_queued: usize) -> RedisLink {
+        let (host, port) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+            other => (other.to_string(), 6379),
+        };
+        let settings = info.redis_settings();
+        RedisLink {
+            host,
+            port,
+            db: settings.db(),
+            username: settings.username().map(str::to_owned),
+            password: settings.password().map(str::to_owned),
+            queue: RefCell::new(VecDeque::new()),
+            written: Cell::new(0),
+            replies_due: Cell::new(0),
+            max_queued,
+            up: Cell::new(false),
+            waker: RefCell::new(None),
+            topics: RefCell::new(AHashSet::new()),
+        }
+    }
+
+    /// Connected to Redis right now.
+    pub fn is_up(&self) -> bool {
+        self.up.get()
+    }
+
+    /// Queues a command that gets a regular reply (the reply is read and dropped; errors are
+    /// logged). Returns false when Redis is away and the queue is full: the command is refused.
+    pub fn command(&self, cmd: &redis::Cmd) -> bool {
+        if !self.up.get() && self.queue.borrow().len() >= self.max_queued {
+            return false;
+        }
+        self.push(cmd, true);
+        true
+    }
+
+    fn push(&self, cmd: &redis::Cmd, expects_reply: bool) {
+        let mut bytes = Vec::new();
+        cmd.write_packed_command(&mut bytes);
+        self.queue.borrow_mut().push_back(Queued {
+            bytes,
+            expects_reply,
+        });
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Subscribes to `topic` (now if connected, else on connect); `LinkEvent::Subscribed`
+    /// follows once Redis has it.
+    pub fn subscribe(&self, topic: &[u8]) {
+        if self.topics.borrow_mut().insert(topic.to_vec()) && self.up.get() {
+            self.push(redis::cmd("SUBSCRIBE").arg(topic), false);
+        }
+    }
+
+    /// Unsubscribes from `topic`.
+    pub fn unsubscribe(&self, topic: &[u8]) {
+        if self.topics.borrow_mut().remove(topic) && self.up.get() {
+            self.push(redis::cmd("UNSUBSCRIBE").arg(topic), false);
+        }
+    }
+
+    /// The link's task: connects, serves, and reconnects for the life of the shard. Events go to
+    /// `on_event`, never while a borrow of the link is held.
+    pub async fn run(&self, on_event: &dyn Fn(LinkEvent)) {
+        let mut retry = RETRY_MIN;
+        loop {
+            match self.connect().await {
+                Ok(stream) => {
+                    retry = RETRY_MIN;
+                    self.up.set(true);
+                    on_event(LinkEvent::Up);
+                    let reason = self.serve(stream, on_event).await;
+                    self.went_down();
+                    on_event(LinkEvent::Down(reason));
+                }
+                Err(e) => on_event(LinkEvent::Down(e.to_string())),
+            }
+            glommio::timer::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    async fn connect(&self) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        stream.set_nodelay(true)?;
+        // The handshake and the resubscriptions go before anything queued while away.
+        let mut first = vec![Queued {
+            bytes: self.hello().get_packed_command(),
+            expects_reply: true,
+        }];
+        if self.db != 0 {
+            let select = redis::cmd("SELECT").arg(self.db).get_packed_command();
+            first.push(Queued {
+                bytes: select,
+                expects_reply: true,
+            });
+        }
+        for topic in self.topics.borrow().iter() {
+            let subscribe = redis::cmd("SUBSCRIBE").arg(&topic[..]).get_packed_command();
+            first.push(Queued {
+                bytes: subscribe,
+                expects_reply: false,
+            });
+        }
+        let mut queue = self.queue.borrow_mut();
+        for q in first.into_iter().rev() {
+            queue.push_front(q);
+        }
+        Ok(stream)
+    }
+
+    fn hello(&self) -> redis::Cmd {
+        let mut hello = redis::cmd("HELLO");
+        hello.arg(3);
+        if let Some(password) = &self.password {
+            let user = self.username.as_deref().unwrap_or("default");
+            hello.arg("AUTH").arg(user).arg(password);
+        }
+        hello
+    }
+
+    /// A command half written when the link broke is sent again whole; replies in flight are
+    /// gone with the connection.
+    fn went_down(&self) {
+        self.up.set(false);
+        self.written.set(0);
+        self.replies_due.set(0);
+    }
+
+    /// Writes what is queued and handles what arrives until the connection fails; returns why.
+    async fn serve(&self, mut stream: TcpStream, on_event: &dyn Fn(LinkEvent)) -> String {
+        let mut parser = redis::Parser::new();
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let read = poll_fn(|cx| {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                if let Err(e) = self.poll_write(&mut stream, cx) {
+                    return Poll::Ready(Err(e));
+                }
+                Pin::new(&mut stream).poll_read(cx, &mut buf)
+            })
+            .await;
+            let n = match read {
+                Ok(0) => return "Redis closed the connection".into(),
+                Ok(n) => n,
+                Err(e) => return e.to_string(),
+            };
+            let mut input = Chunk(&buf[..n]);
+            loop {
+                match parser.parse_value(&mut input) {
+                    Ok(value) => {
+                        if let Err(reason) = self.on_value(value, on_event) {
+                            return reason;
+                        }
+                    }
+                    Err(e) if e.kind() == redis::ErrorKind::Io => break,
+                    Err(e) => return format!("unreadable reply from Redis: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes.
+    fn poll_write(
+        &self,
+        stream: &mut TcpStream,
+        cx: &mut std::task::Context<'_>,
+    ) -> io::Result<()> {
+        loop {
+            let mut queue = self.queue.borrow_mut();
+            let Some(front) = queue.front() else {
+                return Ok(());
+            };
+            let offset = self.written.get();
+            match Pin::new(&mut *stream).poll_write(cx, &front.bytes[offset..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) if offset + n < front.bytes.len() => {
+                    self.written.set(offset + n)
+                }
+                Poll::Ready(Ok(_)) => {
+                    self.written.set(0);
+                    if front.expects_reply {
+                        self.replies_due.set(self.replies_due.get() + 1);
+                    }
+                    queue.pop_front();
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(()),
+            }
+        }
+    }
+
+    fn on_value(&self, value: Value, on_event: &dyn Fn(LinkEvent)) -> Result<(), String> {
+        match value {
+            Value::Push { kind, data } => {
+                let mut data = data.into_iter();
+                match (kind, data.next(), data.next()) {
+                    (
+                        PushKind::Message,
+                        Some(Value::BulkString(topic)),
+                        Some(Value::BulkString(payload)),
+                    ) => on_event(LinkEvent::Message { topic, payload }),
+                    (PushKind::Subscribe, Some(Value::BulkString(topic)), _) => {
+                        on_event(LinkEvent::Subscribed(topic));
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+            reply => {
+                let due = self.replies_due.get();
+                if due == 0 {
+                    return Err("Redis sent a reply nobody asked for".into());
+                }
+                self.replies_due.set(due - 1);
+                match reply {
+                    Value::ServerError(e) => Err(format!("Redis refused a command: {e}")),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Newly read bytes as a reader that says "would block" when they are used up, so the parser
+/// keeps its state for the next read.
+struct Chunk<'a>(&'a [u8]);
+
+impl Read for Chunk<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.0.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = out.len().min(self.0.len());
+        out[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}

@@ -1,0 +1,189 @@
+//! Several nodes through a real `redis-server` of the test's own (3 nodes of 2 shards): what is
+//! published on any node reaches subscribers on every node once, per-channel routing, and the
+//! nodes riding out a Redis restart.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+fn node(redis: &Redis) -> Server {
+    node_with(redis, "")
+}
+
+fn node_with(redis: &Redis, cluster_extra: &str) -> Server {
+    let top = format!(
+        "[cluster]\nredis_url = \"{}\"\nprefix = \"t\"\n{cluster_extra}",
+        redis.url()
+    );
+    // `[cluster]` must follow the top-level keys and precede the apps.
+    Server::with_config(
+        &config_toml("", "", "").replace("\n[[apps]]", &format!("\n{top}\n[[apps]]")),
+    )
+}
+
+fn trigger_with(server: &Server, channel: &str, event: &str, socket_id: &str) -> u16 {
+    let body = json!({"name": event, "channel": channel, "data": "x", "socket_id": socket_id});
+    let path = format!("/apps/{APP_ID}/events");
+    server.api("POST", &path, &[], &body.to_string()).0
+}
+
+/// Waits until `check` holds (the cluster converges asynchronously), or fails after 10 s.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "not within 10 s: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_publish_on_any_node_reaches_every_node_once_and_honours_socket_id() {
+    let redis = Redis::start();
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    let mut subscribers: Vec<Client> = Vec::new();
+    for n in &nodes {
+        for shard in 0..2 {
+            let mut c = n.connect_on_shard(shard);
+            c.subscribe("news");
+            subscribers.push(c);
+        }
+    }
+    for (i, publisher) in nodes.iter().enumerate() {
+        let event = format!("from-{i}");
+        assert_eq!(publisher.trigger("news", &event, "x").0, 200);
+        for c in subscribers.iter_mut() {
+            assert_eq!(c.recv_event(&event)["channel"], "news");
+        }
+    }
+    for c in subscribers.iter_mut() {
+        assert!(c.try_recv(QUIET).is_none(), "each event arrives once");
+    }
+    // The publisher's socket_id leaves out that socket, on whichever node it is.
+    let excluded = subscribers[4].socket_id.clone();
+    assert_eq!(trigger_with(&nodes[0], "news", "not-you", &excluded), 200);
+    for (i, c) in subscribers.iter_mut().enumerate() {
+        match i {
+            4 => assert!(c.try_recv(QUIET).is_none()),
+            _ => assert_eq!(c.recv_event("not-you")["event"], "not-you"),
+        }
+    }
+}
+
+#[test]
+fn client_events_cross_nodes_and_skip_their_sender() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    let mut sender = a.connect();
+    let mut receiver = b.connect();
+    receiver.subscribe_private("private-chat");
+    sender.subscribe_private("private-chat");
+    sender.send_json(json!({"event":"client-hi","channel":"private-chat","data":{"n":1}}));
+    let got = receiver.recv_event("client-hi");
+    assert_eq!(got["data"], json!({"n":1}).to_string());
+    assert!(sender.try_recv(QUIET).is_none(), "not echoed to the sender");
+}
+
+#[test]
+fn a_node_receives_only_the_channels_it_serves() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis), node(&redis), node(&redis));
+    let topic = format!("t:{{{APP_ID}:routed}}");
+    let mut on_a = a.connect();
+    let mut on_b = b.connect();
+    on_a.subscribe("routed");
+    // A second socket of the same node adds no Redis subscription.
+    let mut also_on_a = a.connect();
+    also_on_a.subscribe("routed");
+    on_b.subscribe("routed");
+    assert_eq!(
+        redis.subscribers(&topic),
+        2,
+        "one subscription per node that serves it"
+    );
+    assert_eq!(c.trigger("routed", "e", "x").0, 200, "any node can publish");
+    on_a.recv_event("e");
+    on_b.recv_event("e");
+    on_b.send_json(json!({"event":"pusher:unsubscribe","data":{"channel":"routed"}}));
+    eventually("node B unsubscribes", || redis.subscribers(&topic) == 1);
+    drop(on_a);
+    drop(also_on_a);
+    eventually("node A unsubscribes", || redis.subscribers(&topic) == 0);
+}
+
+#[test]
+fn a_confirmed_subscriber_gets_what_any_node_publishes_next() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    let mut client = a.connect();
+    // The confirmation waits for Redis to have the node's subscription: a publish right after
+    // it, through another node, is never lost.
+    for i in 0..20 {
+        let channel = format!("fresh-{i}");
+        client.subscribe(&channel);
+        assert_eq!(b.trigger(&channel, "first", "x").0, 200);
+        assert_eq!(client.recv_event("first")["channel"], channel.as_str());
+    }
+}
+
+#[test]
+fn nodes_serve_locally_without_redis_and_resubscribe_when_it_returns() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis), node(&redis));
+    let mut on_a = a.connect();
+    on_a.subscribe("steady");
+    let mut on_b = b.connect();
+    on_b.subscribe("steady");
+    redis.stop();
+    // Local delivery goes on.
+    assert_eq!(a.trigger("steady", "local", "x").0, 200);
+    assert_eq!(on_a.recv_event("local")["event"], "local");
+    // Redis comes back empty; the nodes reconnect and subscribe again.
+    let redis = Redis::start_on(port);
+    let topic = format!("t:{{{APP_ID}:steady}}");
+    eventually("both nodes resubscribe", || redis.subscribers(&topic) == 2);
+    assert_eq!(b.trigger("steady", "again", "x").0, 200);
+    assert_eq!(on_a.recv_event("again")["event"], "again");
+    assert_eq!(on_b.recv_event("again")["event"], "again");
+}
+
+#[test]
+fn a_publish_other_nodes_cannot_get_is_answered_503_not_200() {
+    let redis = Redis::start();
+    let a = node_with(&redis, "max_queued_messages = 3");
+    let mut local = a.connect();
+    local.subscribe("outage");
+    redis.stop();
+    // Three publishes wait for Redis; after that the node refuses to pretend.
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let (status, body) = a.trigger("outage", &format!("e{i}"), "x");
+        if status == 503 {
+            assert!(body.contains("Redis is unreachable"), "{body}");
+        }
+        statuses.push(status);
+        // Delivered on this node either way.
+        assert_eq!(local.recv_event(&format!("e{i}"))["channel"], "outage");
+    }
+    assert_eq!(statuses, [200, 200, 200, 503, 503, 503]);
+}
+
+#[test]
+fn send_to_user_reaches_their_connections_on_every_node_once() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis), node(&redis), node(&redis));
+    let (mut on_a, mut on_b) = (a.connect(), b.connect());
+    let user_data = json!({"id": "ann"}).to_string();
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.signin(&user_data)["event"], "pusher:signin_success");
+    }
+    assert_eq!(c.trigger("#server-to-user-ann", "note", "1").0, 200);
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.recv_event("note")["channel"], "#server-to-user-ann");
+        assert!(client.try_recv(QUIET).is_none(), "exactly once");
+    }
+}
