@@ -199,7 +199,7 @@ impl RedisLink {
 
     /// Writes what is queued and handles what arrives until the connection fails; returns why.
     async fn serve(&self, mut stream: TcpStream, on_event: &dyn Fn(LinkEvent)) -> String {
-        let mut parser = redis::Parser::new();
+        let mut reader = RespReader::default();
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
             let read = poll_fn(|cx| {
@@ -215,17 +215,9 @@ impl RedisLink {
                 Ok(n) => n,
                 Err(e) => return e.to_string(),
             };
-            let mut input = Chunk(&buf[..n]);
-            loop {
-                match parser.parse_value(&mut input) {
-                    Ok(value) => {
-                        if let Err(reason) = self.on_value(value, on_event) {
-                            return reason;
-                        }
-                    }
-                    Err(e) if e.kind() == redis::ErrorKind::Io => break,
-                    Err(e) => return format!("unreadable reply from Redis: {e}"),
-                }
+            let handled = reader.feed(&buf[..n], &mut |value| self.on_value(value, on_event));
+            if let Err(reason) = handled {
+                return reason;
             }
         }
     }
@@ -287,6 +279,33 @@ impl RedisLink {
                     Value::ServerError(e) => Err(format!("Redis refused a command: {e}")),
                     _ => Ok(()),
                 }
+            }
+        }
+    }
+}
+
+/// Turns the bytes of a RESP3 stream, as they arrive in pieces, into values. The `redis` crate's
+/// parser keeps its state between pieces, so no byte is read twice.
+#[derive(Default)]
+pub struct RespReader {
+    parser: redis::Parser,
+}
+
+impl RespReader {
+    /// Parses `bytes` (the next piece of the stream), handing each complete value to `each`;
+    /// a value cut at the end of the piece is completed by the next one. Err: bytes that are not
+    /// RESP, or what `each` refused.
+    pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        each: &mut dyn FnMut(Value) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut input = Chunk(bytes);
+        loop {
+            match self.parser.parse_value(&mut input) {
+                Ok(value) => each(value)?,
+                Err(e) if e.kind() == redis::ErrorKind::Io => return Ok(()),
+                Err(e) => return Err(format!("unreadable reply from Redis: {e}")),
             }
         }
     }
