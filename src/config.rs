@@ -62,7 +62,7 @@ pub struct ClusterConfig {
     pub heartbeat_interval: u32,
     /// Seconds without a heartbeat after which the other nodes count a node as dead.
     pub node_timeout: u32,
-    /// Messages a shard keeps for Redis while the link is down; beyond, publishes are refused.
+    /// Messages a shard keeps for Redis while it is away or slow; beyond, publishes are refused.
     pub max_queued_messages: usize,
 }
 

@@ -2,7 +2,8 @@
 //! carries both commands and pub/sub pushes. Commands are queued and written together (one
 //! write for everything pending); replies are parsed with the `redis` crate's incremental parser
 //! (which keeps its state between reads, so no byte is read twice). The link reconnects by
-//! itself, resubscribes its topics, and holds a bounded queue of commands while Redis is away.
+//! itself, resubscribes its topics, and holds a bounded queue of commands while Redis is away
+//! or slow.
 
 use ahash::AHashSet;
 use futures_lite::io::{AsyncRead, AsyncWrite};
@@ -63,8 +64,7 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl RedisLink {
-    /// A link to the Redis of `info` (TCP only), keeping at most `max_queued` commands while
-    /// Redis is unreachable.
+    /// A link to the Redis of `info` (TCP only), keeping at most `max_queued` commands unwritten.
     pub fn new(info: &ConnectionInfo, max_queued: usize) -> RedisLink {
         let (host, port) = match info.addr() {
             ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
@@ -93,9 +93,10 @@ impl RedisLink {
     }
 
     /// Queues a command that gets a regular reply (the reply is read and dropped; errors are
-    /// logged). Returns false when Redis is away and the queue is full: the command is refused.
+    /// logged). Returns false when the queue is full (Redis away, or not keeping up): the
+    /// command is refused rather than held without bound.
     pub fn command(&self, cmd: &redis::Cmd) -> bool {
-        if !self.up.get() && self.queue.borrow().len() >= self.max_queued {
+        if self.queue.borrow().len() >= self.max_queued {
             return false;
         }
         self.push(cmd, true);
