@@ -38,6 +38,10 @@ pub enum LinkEvent {
 struct Queued {
     bytes: Vec<u8>,
     expects_reply: bool,
+    /// Connection state (handshake, SUBSCRIBE, UNSUBSCRIBE), rebuilt from scratch on each
+    /// connect: unwritten ones are dropped then, so retries never pile them up and a stale
+    /// SUBSCRIBE never follows the topic set.
+    state: bool,
 }
 
 /// One shard's Redis link. Owned by the shard; its task is `run`.
@@ -99,16 +103,17 @@ impl RedisLink {
         if self.queue.borrow().len() >= self.max_queued {
             return false;
         }
-        self.push(cmd, true);
+        self.push(cmd, true, false);
         true
     }
 
-    fn push(&self, cmd: &redis::Cmd, expects_reply: bool) {
+    fn push(&self, cmd: &redis::Cmd, expects_reply: bool, state: bool) {
         let mut bytes = Vec::new();
         cmd.write_packed_command(&mut bytes);
         self.queue.borrow_mut().push_back(Queued {
             bytes,
             expects_reply,
+            state,
         });
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -119,14 +124,14 @@ impl RedisLink {
     /// follows once Redis has it.
     pub fn subscribe(&self, topic: &[u8]) {
         if self.topics.borrow_mut().insert(topic.to_vec()) && self.up.get() {
-            self.push(redis::cmd("SUBSCRIBE").arg(topic), false);
+            self.push(redis::cmd("SUBSCRIBE").arg(topic), false, true);
         }
     }
 
     /// Unsubscribes from `topic`.
     pub fn unsubscribe(&self, topic: &[u8]) {
         if self.topics.borrow_mut().remove(topic) && self.up.get() {
-            self.push(redis::cmd("UNSUBSCRIBE").arg(topic), false);
+            self.push(redis::cmd("UNSUBSCRIBE").arg(topic), false, true);
         }
     }
 
@@ -155,25 +160,23 @@ impl RedisLink {
         let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
         stream.set_nodelay(true)?;
         // The handshake and the resubscriptions go before anything queued while away.
-        let mut first = vec![Queued {
-            bytes: self.hello().get_packed_command(),
-            expects_reply: true,
-        }];
+        let state = |bytes: Vec<u8>, expects_reply: bool| Queued {
+            bytes,
+            expects_reply,
+            state: true,
+        };
+        let mut first = vec![state(self.hello().get_packed_command(), true)];
         if self.db != 0 {
             let select = redis::cmd("SELECT").arg(self.db).get_packed_command();
-            first.push(Queued {
-                bytes: select,
-                expects_reply: true,
-            });
+            first.push(state(select, true));
         }
         for topic in self.topics.borrow().iter() {
             let subscribe = redis::cmd("SUBSCRIBE").arg(&topic[..]).get_packed_command();
-            first.push(Queued {
-                bytes: subscribe,
-                expects_reply: false,
-            });
+            first.push(state(subscribe, false));
         }
         let mut queue = self.queue.borrow_mut();
+        // Nothing of the queue is written yet (`went_down`), so any of it may go.
+        queue.retain(|q| !q.state);
         for q in first.into_iter().rev() {
             queue.push_front(q);
         }
