@@ -1,6 +1,6 @@
 //! One shard's link to Redis: a glommio socket speaking RESP3 (`HELLO 3`), so that one link
-//! carries both commands and pub/sub pushes. Commands are queued and written together (one
-//! write for everything pending); replies are parsed with the `redis` crate's incremental parser
+//! carries both commands and pub/sub pushes. Commands are queued and written back to back,
+//! without waiting for replies (pipelined); replies are parsed with the `redis` crate's incremental parser
 //! (which keeps its state between reads, so no byte is read twice). The link reconnects by
 //! itself, resubscribes its topics, and holds a bounded queue of commands while Redis is away
 //! or slow.
@@ -54,8 +54,16 @@ pub struct RedisLink {
     /// Commands not yet written, in order; `written` bytes of the front one are out.
     queue: RefCell<VecDeque<Queued>>,
     written: Cell<usize>,
-    /// Regular replies still due for commands already written (RESP3 pushes are not counted).
-    replies_due: Cell<usize>,
+    /// For each command written and not yet answered, in order: whether it belongs to the
+    /// handshake (an error there means the link cannot work; elsewhere it is logged).
+    replies_due: RefCell<VecDeque<bool>>,
+    /// The handshake is answered: the link is usable.
+    handshake_done: Cell<bool>,
+    /// Seconds of silence after which the link pings, and after which it gives Redis up.
+    ping_after: Duration,
+    dead_after: Duration,
+    /// Errors Redis answered to ordinary commands (logged the first time).
+    command_errors: Cell<u64>,
     max_queued: usize,
     up: Cell<bool>,
     waker: RefCell<Option<Waker>>,
@@ -69,7 +77,13 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl RedisLink {
     /// A link to the Redis of `info` (TCP only), keeping at most `max_queued` commands unwritten.
-    pub fn new(info: &ConnectionInfo, max_queued: usize) -> RedisLink {
+    /// It pings after `ping_after` of silence and counts Redis as gone after `dead_after`.
+    pub fn new(
+        info: &ConnectionInfo,
+        max_queued: usize,
+        ping_after: Duration,
+        dead_after: Duration,
+    ) -> RedisLink {
         let (host, port) = match info.addr() {
             ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
             other => (other.to_string(), 6379),
@@ -83,7 +97,11 @@ impl RedisLink {
             password: settings.password().map(str::to_owned),
             queue: RefCell::new(VecDeque::new()),
             written: Cell::new(0),
-            replies_due: Cell::new(0),
+            replies_due: RefCell::new(VecDeque::new()),
+            handshake_done: Cell::new(false),
+            ping_after,
+            dead_after,
+            command_errors: Cell::new(0),
             max_queued,
             up: Cell::new(false),
             waker: RefCell::new(None),
@@ -142,10 +160,11 @@ impl RedisLink {
         loop {
             match self.connect().await {
                 Ok(stream) => {
-                    retry = RETRY_MIN;
-                    self.up.set(true);
-                    on_event(LinkEvent::Up);
                     let reason = self.serve(stream, on_event).await;
+                    // Back off from the start only after a link that worked.
+                    if self.up.get() {
+                        retry = RETRY_MIN;
+                    }
                     self.went_down();
                     on_event(LinkEvent::Down(reason));
                 }
@@ -157,8 +176,27 @@ impl RedisLink {
     }
 
     async fn connect(&self) -> io::Result<TcpStream> {
-        let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        // Every address of the host in turn (a name may resolve to ::1 and 127.0.0.1), each
+        // bounded in time; glommio's own resolution takes only the first address.
+        let addresses = std::net::ToSocketAddrs::to_socket_addrs(&(self.host.as_str(), self.port))?;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+        let mut connected = None;
+        for addr in addresses {
+            match TcpStream::connect_timeout(addr, self.dead_after).await {
+                Ok(stream) => {
+                    connected = Some(stream);
+                    break;
+                }
+                Err(e) => last = io::Error::other(e.to_string()),
+            }
+        }
+        let stream = connected.ok_or(last)?;
         stream.set_nodelay(true)?;
+        // Silence wakes the link to ping; it never waits longer than that for a read.
+        stream
+            .set_read_timeout(Some(self.ping_after))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.handshake_done.set(false);
         // The handshake and the resubscriptions go before anything queued while away.
         let state = |bytes: Vec<u8>, expects_reply: bool| Queued {
             bytes,
@@ -198,14 +236,16 @@ impl RedisLink {
     fn went_down(&self) {
         self.up.set(false);
         self.written.set(0);
-        self.replies_due.set(0);
+        self.replies_due.borrow_mut().clear();
     }
 
     /// Writes what is queued and handles what arrives until the connection fails; returns why.
     async fn serve(&self, mut stream: TcpStream, on_event: &dyn Fn(LinkEvent)) -> String {
         let mut reader = RespReader::default();
         let mut buf = vec![0u8; READ_CHUNK];
+        let mut last_heard = std::time::Instant::now();
         loop {
+            glommio::yield_if_needed().await;
             let read = poll_fn(|cx| {
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
                 if let Err(e) = self.poll_write(&mut stream, cx) {
@@ -217,8 +257,17 @@ impl RedisLink {
             let n = match read {
                 Ok(0) => return "Redis closed the connection".into(),
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    if last_heard.elapsed() >= self.dead_after {
+                        let secs = self.dead_after.as_secs();
+                        return format!("no answer from Redis in {secs} s");
+                    }
+                    self.push(&redis::cmd("PING"), true, false);
+                    continue;
+                }
                 Err(e) => return e.to_string(),
             };
+            last_heard = std::time::Instant::now();
             let handled = reader.feed(&buf[..n], &mut |value| self.on_value(value, on_event));
             if let Err(reason) = handled {
                 return reason;
@@ -246,7 +295,7 @@ impl RedisLink {
                 Poll::Ready(Ok(_)) => {
                     self.written.set(0);
                     if front.expects_reply {
-                        self.replies_due.set(self.replies_due.get() + 1);
+                        self.replies_due.borrow_mut().push_back(front.state);
                     }
                     queue.pop_front();
                 }
@@ -274,14 +323,29 @@ impl RedisLink {
                 Ok(())
             }
             reply => {
-                let due = self.replies_due.get();
-                if due == 0 {
-                    return Err("Redis sent a reply nobody asked for".into());
-                }
-                self.replies_due.set(due - 1);
-                match reply {
-                    Value::ServerError(e) => Err(format!("Redis refused a command: {e}")),
-                    _ => Ok(()),
+                let handshake = self.replies_due.borrow_mut().pop_front();
+                match (handshake, reply) {
+                    (None, _) => Err("Redis sent a reply nobody asked for".into()),
+                    (Some(true), Value::ServerError(e)) => {
+                        Err(format!("Redis refused the handshake: {e}"))
+                    }
+                    (Some(true), _) => {
+                        if !self.handshake_done.replace(true) {
+                            self.up.set(true);
+                            on_event(LinkEvent::Up);
+                        }
+                        Ok(())
+                    }
+                    // One refused command (a PUBLISH, say) does not end the link.
+                    (Some(false), Value::ServerError(e)) => {
+                        let errors = self.command_errors.get();
+                        self.command_errors.set(errors + 1);
+                        if errors == 0 {
+                            crate::log_warn!("Redis refused a command: {e}");
+                        }
+                        Ok(())
+                    }
+                    (Some(false), _) => Ok(()),
                 }
             }
         }

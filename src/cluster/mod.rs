@@ -9,6 +9,7 @@ pub mod link;
 
 use crate::config::ClusterConfig;
 use link::RedisLink;
+use std::time::Duration;
 
 /// One shard's part of the cluster: its link and the names it uses. Owned by the shard.
 pub struct Cluster {
@@ -40,7 +41,12 @@ impl Cluster {
     /// The cluster part of a shard, from the validated `[cluster]` settings.
     pub fn new(config: &ClusterConfig, redis: &redis::ConnectionInfo) -> Cluster {
         Cluster {
-            link: RedisLink::new(redis, config.max_queued_messages),
+            link: RedisLink::new(
+                redis,
+                config.max_queued_messages,
+                Duration::from_secs(config.heartbeat_interval.into()),
+                Duration::from_secs(config.node_timeout.into()),
+            ),
             node_id: config.node_id.clone(),
             prefix: config.prefix.clone(),
         }

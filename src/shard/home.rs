@@ -192,10 +192,19 @@ impl Shard {
     pub(super) fn announce(&self, announcement: Announcement) {
         let Announcement {
             origin,
-            reply,
+            mut reply,
             key,
             member_added,
         } = announcement;
+        // Held for the cluster, the cached event may have changed meanwhile: send the latest.
+        if let ShardMsg::JoinReply {
+            result: Ok(ack), ..
+        } = &mut reply
+        {
+            if ack.cache_event.is_some() {
+                ack.cache_event = Some(self.cached_or_miss(&key));
+            }
+        }
         self.route(origin, reply);
         if let Some((frame, conn)) = member_added {
             let targets = self.subscriber_shards(&key);

@@ -141,7 +141,11 @@ impl Shard {
             let shard = self.clone();
             glommio::spawn_local(async move {
                 if let Some(cluster) = &shard.cluster {
-                    let on_event = |event| shard.on_cluster_event(event);
+                    // A panic while handling one event loses that event only.
+                    let on_event = |event| {
+                        let what = "an event of the Redis link";
+                        let _ = contain::contain_call(what, || shard.on_cluster_event(event));
+                    };
                     cluster.link.run(&on_event).await;
                 }
             })

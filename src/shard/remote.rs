@@ -68,7 +68,7 @@ impl Shard {
     /// What the shard's Redis link reports.
     pub(super) fn on_cluster_event(&self, event: LinkEvent) {
         match event {
-            LinkEvent::Message { payload, .. } => self.deliver_remote(&payload),
+            LinkEvent::Message { topic, payload } => self.deliver_remote(&topic, &payload),
             LinkEvent::Subscribed(topic) => {
                 let released = self.awaiting_subscription.borrow_mut().remove(&topic);
                 for announcement in released.into_iter().flatten() {
@@ -95,7 +95,7 @@ impl Shard {
     }
 
     /// A publish from another node: fanned out to this node's subscribers like a local one.
-    fn deliver_remote(&self, payload: &[u8]) {
+    fn deliver_remote(&self, topic: &[u8], payload: &[u8]) {
         let Some(cluster) = &self.cluster else {
             return;
         };
@@ -108,6 +108,9 @@ impl Shard {
         let Some(app) = self.node.app_by_id(remote.app_id) else {
             return self.skip_foreign("a message for an app this node does not serve");
         };
+        if cluster.topic(remote.app_id, remote.channel) != topic {
+            return self.skip_foreign("a message naming another channel than its topic");
+        }
         if !ws::is_complete_text_frame(remote.frame) {
             return self.skip_foreign("a message whose frame is not one complete text frame");
         }
