@@ -5,7 +5,7 @@
 //! itself, resubscribes its topics, and holds a bounded queue of commands while Redis is away
 //! or slow.
 
-use ahash::AHashSet;
+use ahash::{AHashMap, AHashSet};
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use redis::{ConnectionAddr, ConnectionInfo, PushKind, Value};
@@ -69,6 +69,9 @@ pub struct RedisLink {
     waker: RefCell<Option<Waker>>,
     /// Topics this shard wants: subscribed again on every (re)connect.
     topics: RefCell<AHashSet<Vec<u8>>>,
+    /// SUBSCRIBEs sent or queued on this connection and not yet confirmed, per topic: only the
+    /// confirmation of the last one says Redis has the subscription now.
+    unconfirmed: RefCell<AHashMap<Vec<u8>, u32>>,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -106,6 +109,7 @@ impl RedisLink {
             up: Cell::new(false),
             waker: RefCell::new(None),
             topics: RefCell::new(AHashSet::new()),
+            unconfirmed: RefCell::new(AHashMap::new()),
         }
     }
 
@@ -142,8 +146,18 @@ impl RedisLink {
     /// follows once Redis has it.
     pub fn subscribe(&self, topic: &[u8]) {
         if self.topics.borrow_mut().insert(topic.to_vec()) && self.up.get() {
+            *self
+                .unconfirmed
+                .borrow_mut()
+                .entry(topic.to_vec())
+                .or_default() += 1;
             self.push(redis::cmd("SUBSCRIBE").arg(topic), false, true);
         }
+    }
+
+    /// Redis may not have this topic's subscription yet (a SUBSCRIBE is unconfirmed).
+    pub fn is_subscribing(&self, topic: &[u8]) -> bool {
+        self.unconfirmed.borrow().contains_key(topic)
     }
 
     /// Unsubscribes from `topic`.
@@ -208,10 +222,14 @@ impl RedisLink {
             let select = redis::cmd("SELECT").arg(self.db).get_packed_command();
             first.push(state(select, true));
         }
+        let mut unconfirmed = self.unconfirmed.borrow_mut();
+        unconfirmed.clear();
         for topic in self.topics.borrow().iter() {
             let subscribe = redis::cmd("SUBSCRIBE").arg(&topic[..]).get_packed_command();
             first.push(state(subscribe, false));
+            unconfirmed.insert(topic.clone(), 1);
         }
+        drop(unconfirmed);
         let mut queue = self.queue.borrow_mut();
         // Nothing of the queue is written yet (`went_down`), so any of it may go.
         queue.retain(|q| !q.state);
@@ -316,7 +334,20 @@ impl RedisLink {
                         Some(Value::BulkString(payload)),
                     ) => on_event(LinkEvent::Message { topic, payload }),
                     (PushKind::Subscribe, Some(Value::BulkString(topic)), _) => {
-                        on_event(LinkEvent::Subscribed(topic));
+                        let confirmed = {
+                            let mut unconfirmed = self.unconfirmed.borrow_mut();
+                            match unconfirmed.get_mut(&topic) {
+                                Some(1) => unconfirmed.remove(&topic).is_some(),
+                                Some(n) => {
+                                    *n -= 1;
+                                    false
+                                }
+                                None => false,
+                            }
+                        };
+                        if confirmed && self.topics.borrow().contains(&topic) {
+                            on_event(LinkEvent::Subscribed(topic));
+                        }
                     }
                     _ => {}
                 }

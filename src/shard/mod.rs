@@ -68,8 +68,9 @@ pub struct Shard {
     cluster: Option<crate::cluster::Cluster>,
     /// Join announcements waiting for Redis to confirm the node's subscription, by topic.
     awaiting_subscription: RefCell<AHashMap<Vec<u8>, Vec<home::Announcement>>>,
-    /// Tickets of this shard's publications that other nodes could not be told of.
-    refused_tickets: RefCell<ahash::AHashSet<u64>>,
+    /// Tickets of this shard's publications still waiting for their barriers: true once a home
+    /// reported that the other nodes could not be told.
+    open_tickets: RefCell<AHashMap<u64, bool>>,
     /// The link's state as last logged (None: not yet).
     cluster_link_up: Cell<Option<bool>>,
     /// `handle_own_messages` is running (it never nests).
@@ -109,7 +110,7 @@ impl Shard {
             }),
             awaiting_subscription: RefCell::new(AHashMap::new()),
             cluster_link_up: Cell::new(None),
-            refused_tickets: RefCell::new(ahash::AHashSet::new()),
+            open_tickets: RefCell::new(AHashMap::new()),
             read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES].into_boxed_slice()),
             node,
         }
@@ -302,7 +303,9 @@ impl Shard {
             }
             ShardMsg::Answer { id, answer } => self.mesh.answered(id, answer),
             ShardMsg::PublishRefused { ticket } => {
-                self.refused_tickets.borrow_mut().insert(ticket);
+                if let Some(refused) = self.open_tickets.borrow_mut().get_mut(&ticket) {
+                    *refused = true;
+                }
             }
         }
     }

@@ -5,6 +5,22 @@ use super::messages::{ChannelInfo, ChannelStats, Publication};
 use super::Shard;
 use crate::channels::ChannelKey;
 
+/// The tickets of one `publish_all`, closed when it ends, however it ends (a request dropped at
+/// its deadline too), so that a late refusal finds no ticket and nothing is kept for it.
+struct Tickets<'a> {
+    shard: &'a Shard,
+    ids: Vec<u64>,
+}
+
+impl Drop for Tickets<'_> {
+    fn drop(&mut self) {
+        let mut open = self.shard.open_tickets.borrow_mut();
+        for id in &self.ids {
+            open.remove(id);
+        }
+    }
+}
+
 impl Shard {
     /// Publishes every publication, then waits until the channels' home shards have handled
     /// them, so that a publisher who waits for its HTTP response sees its events delivered in
@@ -15,18 +31,23 @@ impl Shard {
             .iter()
             .map(|p| p.key.home(self.node.shards))
             .collect();
-        let mut tickets = Vec::with_capacity(publications.len());
+        let mut tickets = Tickets {
+            shard: self,
+            ids: Vec::with_capacity(publications.len()),
+        };
         for mut publication in publications {
             let ticket = self.new_id();
             publication.ticket = Some((self.id, ticket));
-            tickets.push(ticket);
+            self.open_tickets.borrow_mut().insert(ticket, false);
+            tickets.ids.push(ticket);
             self.publish(publication);
         }
         self.handle_own_messages();
         self.barriers(&mut homes).await;
         // A refusal arrives before its home's barrier answer (one queue per pair of shards).
-        let mut refused = self.refused_tickets.borrow_mut();
-        tickets.iter().filter(|t| refused.remove(t)).count()
+        let open = self.open_tickets.borrow();
+        let refused = tickets.ids.iter().filter(|t| open.get(t) == Some(&true));
+        refused.count()
     }
 
     /// Waits until each of `homes` has handled everything this shard sent it so far.

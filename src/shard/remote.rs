@@ -45,12 +45,13 @@ impl Shard {
             waiting.push(announcement);
             return None;
         }
-        if self.subscribers_on_node(key) != 1 {
-            return Some(announcement);
+        if self.subscribers_on_node(key) == 1 {
+            cluster.link.subscribe(&topic);
         }
-        cluster.link.subscribe(&topic);
-        if !cluster.link.is_up() {
-            // Local delivery works without Redis; the link subscribes when it is back.
+        // Held while Redis may not have the subscription yet: the node's first subscriber, and
+        // any subscriber while the link resubscribes after a reconnect. Without a link, local
+        // delivery works at once and the link subscribes when it is back.
+        if !cluster.link.is_up() || !cluster.link.is_subscribing(&topic) {
             return Some(announcement);
         }
         awaiting.insert(topic, vec![announcement]);
