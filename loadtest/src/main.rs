@@ -60,6 +60,13 @@ pub struct Target {
     /// Sample this process's CPU and memory (the server under test).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Other nodes of a cluster: subscriber processes are spread over `--port` and these ports
+    /// in turn (publishes still go to `--port`).
+    #[arg(long, value_delimiter = ',')]
+    pub node_ports: Vec<u16>,
+    /// More processes whose CPU and memory count as the server's (the other nodes, redis-server).
+    #[arg(long, value_delimiter = ',')]
+    pub node_pids: Vec<u32>,
     /// Client sockets bind to 127.0.0.<N>, <N+1>, ... (20,000 sockets per address).
     #[arg(long, default_value_t = 2)]
     pub source_base: u32,

@@ -158,17 +158,31 @@ pub struct Ready {
 }
 
 impl Children {
-    /// Starts `procs` children sharing `count` connections, each from its own source addresses.
-    pub fn spawn(base_args: &[String], count: usize, procs: usize, source_base: u32) -> Children {
+    /// Starts `procs` children sharing `count` connections, each from its own source addresses;
+    /// child k connects to `ports[k % ports.len()]` (the nodes of a cluster, in turn).
+    pub fn spawn(
+        base_args: &[String],
+        count: usize,
+        procs: usize,
+        source_base: u32,
+        ports: &[u16],
+    ) -> Children {
         let exe = std::env::current_exe().expect("own path");
         let (tx, lines) = mpsc::channel();
         let mut children = Vec::new();
         for k in 0..procs {
             let start = count * k / procs;
             let end = count * (k + 1) / procs;
+            let mut args = base_args.to_vec();
+            if let Some(i) = args.iter().position(|a| a == "--port") {
+                if let (Some(value), Some(port)) = (args.get_mut(i + 1), ports.get(k % ports.len()))
+                {
+                    *value = port.to_string();
+                }
+            }
             let mut child = Command::new(&exe)
                 .arg("subscribers")
-                .args(base_args)
+                .args(&args)
                 .args([
                     "--start",
                     &start.to_string(),

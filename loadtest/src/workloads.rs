@@ -20,8 +20,15 @@ fn procs_for(count: usize, asked: usize) -> usize {
     }
 }
 
+/// The server's CPU and memory: `--server-pid` plus every `--node-pids` process.
 pub(crate) fn server_sample(target: &Target) -> Option<measure::ProcSample> {
-    target.server_pid.and_then(measure::sample)
+    let mut total = measure::sample(target.server_pid?)?;
+    for pid in &target.node_pids {
+        let node = measure::sample(*pid)?;
+        total.cpu_secs += node.cpu_secs;
+        total.rss_kib += node.rss_kib;
+    }
+    Some(total)
 }
 
 /// Server CPU seconds since `before` (None without `--server-pid`).
@@ -53,7 +60,11 @@ fn spawn_subscribers(
         "--channel-prefix".into(),
         prefix.to_owned(),
     ]);
-    Children::spawn(&args, count, procs_for(count, procs), target.source_base)
+    let mut ports = vec![target.port];
+    ports.extend(&target.node_ports);
+    // At least one subscriber process per node, the same number on each.
+    let procs = procs_for(count, procs).div_ceil(ports.len()) * ports.len();
+    Children::spawn(&args, count, procs, target.source_base, &ports)
 }
 
 #[derive(Args, Clone, Debug)]
