@@ -41,28 +41,34 @@ pub fn is_complete_text_frame(frame: &[u8]) -> bool {
     if first != 0x80 | OP_TEXT || second & 0x80 != 0 {
         return false;
     }
-    let (header, len): (usize, usize) = match second & 0x7f {
-        126 => match frame.get(2..4) {
-            Some(b) => (4, u16::from_be_bytes([b[0], b[1]]) as usize),
-            None => return false,
-        },
-        127 => match frame.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-            Some(b) => (10, u64::from_be_bytes(b) as usize),
-            None => return false,
-        },
-        n => (2, n as usize),
+    let header = header_len(second);
+    let len = match frame.get(2..header) {
+        Some([a, b]) => u16::from_be_bytes([*a, *b]) as usize,
+        Some(bytes) if bytes.len() == 8 => {
+            let mut be = [0u8; 8];
+            be.copy_from_slice(bytes);
+            u64::from_be_bytes(be) as usize
+        }
+        Some([]) => (second & 0x7f) as usize,
+        _ => return false,
     };
     frame.len() == header.saturating_add(len) && std::str::from_utf8(&frame[header..]).is_ok()
 }
 
 /// The payload of a frame this server encoded (header skipped, no validation).
 pub fn payload_of(frame: &[u8]) -> &[u8] {
-    let header = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
+    let header = frame.get(1).map_or(2, |&second| header_len(second));
     frame.get(header..).unwrap_or(&[])
+}
+
+/// Bytes of an unmasked frame's header, from its second byte (the 7-bit length, or 126/127 for
+/// the 16- and 64-bit lengths that follow).
+fn header_len(second: u8) -> usize {
+    match second & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    }
 }
 
 /// Encodes one masked client frame, as a browser sends it (for tests, benchmarks and fuzzing).
@@ -365,6 +371,24 @@ fn unmask(buf: &mut [u8], mask: [u8; 4]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn complete_text_frames_of_every_header_size() {
+        for len in [0, 125, 126, 65_535, 65_536] {
+            let frame = text_frame(&vec![b'a'; len]);
+            assert!(is_complete_text_frame(&frame), "{len}");
+            assert_eq!(payload_of(&frame).len(), len);
+            assert!(
+                !is_complete_text_frame(&frame[..frame.len() - 1]),
+                "{len} cut"
+            );
+            let mut binary = frame.clone();
+            binary[0] = 0x80 | OP_BINARY;
+            assert!(!is_complete_text_frame(&binary), "{len} binary");
+        }
+        assert!(!is_complete_text_frame(&[0x81, 126, 0]));
+        assert!(!is_complete_text_frame(&[0x81, 0x80]), "masked");
+    }
 
     use super::encode_client_frame as client_frame;
 
