@@ -145,6 +145,14 @@ pub fn run(config: Config) -> io::Result<()> {
     crate::log_info!(
         "shardpush stopped ({slow} slow-consumer disconnects, {panics} connection handler panics)"
     );
+    if node.config.cluster.is_some() {
+        let refused = node.cluster_publishes_refused.load(Ordering::Relaxed);
+        let skipped = node.cluster_messages_skipped.load(Ordering::Relaxed);
+        crate::log_info!(
+            "shardpush cluster: {refused} publishes refused while Redis was away, \
+             {skipped} unreadable cluster messages skipped"
+        );
+    }
     Ok(())
 }
 

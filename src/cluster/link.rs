@@ -57,8 +57,6 @@ pub struct RedisLink {
     /// For each command written and not yet answered, in order: whether it belongs to the
     /// handshake (an error there means the link cannot work; elsewhere it is logged).
     replies_due: RefCell<VecDeque<bool>>,
-    /// The handshake is answered: the link is usable.
-    handshake_done: Cell<bool>,
     /// Seconds of silence after which the link pings, and after which it gives Redis up.
     ping_after: Duration,
     dead_after: Duration,
@@ -101,7 +99,6 @@ impl RedisLink {
             queue: RefCell::new(VecDeque::new()),
             written: Cell::new(0),
             replies_due: RefCell::new(VecDeque::new()),
-            handshake_done: Cell::new(false),
             ping_after,
             dead_after,
             command_errors: Cell::new(0),
@@ -210,7 +207,6 @@ impl RedisLink {
         stream
             .set_read_timeout(Some(self.ping_after))
             .map_err(|e| io::Error::other(e.to_string()))?;
-        self.handshake_done.set(false);
         // The handshake and the resubscriptions go before anything queued while away.
         let state = |bytes: Vec<u8>, expects_reply: bool| Queued {
             bytes,
@@ -361,8 +357,8 @@ impl RedisLink {
                         Err(format!("Redis refused the handshake: {e}"))
                     }
                     (Some(true), _) => {
-                        if !self.handshake_done.replace(true) {
-                            self.up.set(true);
+                        // `up` is false from connect until the handshake's first answer.
+                        if !self.up.replace(true) {
                             on_event(LinkEvent::Up);
                         }
                         Ok(())

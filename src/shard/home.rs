@@ -154,8 +154,8 @@ impl Shard {
                 let data = channels.get(&key)?.presence_json();
                 Some(Arc::from(events::subscription_succeeded(&key.name, &data)))
             }),
-            cache_event: (!duplicate && is_cache_channel(&key.name))
-                .then(|| self.cached_or_miss(&key)),
+            // Filled by `announce` (a duplicate subscribe gets none).
+            cache_event: None,
         };
         let reply = ShardMsg::JoinReply {
             key: key.clone(),
@@ -196,12 +196,12 @@ impl Shard {
             key,
             member_added,
         } = announcement;
-        // Held for the cluster, the cached event may have changed meanwhile: send the latest.
+        // Taken now, not at the join: held for the cluster, the cache may have changed since.
         if let ShardMsg::JoinReply {
             result: Ok(ack), ..
         } = &mut reply
         {
-            if ack.cache_event.is_some() {
+            if is_cache_channel(&key.name) {
                 ack.cache_event = Some(self.cached_or_miss(&key));
             }
         }

@@ -33,13 +33,16 @@ impl Shard {
             .collect();
         let mut tickets = Tickets {
             shard: self,
-            ids: Vec::with_capacity(publications.len()),
+            ids: Vec::new(),
         };
         for mut publication in publications {
-            let ticket = self.new_id();
-            publication.ticket = Some((self.id, ticket));
-            self.open_tickets.borrow_mut().insert(ticket, false);
-            tickets.ids.push(ticket);
+            // Only a cluster can refuse a publication: a single node takes no ticket.
+            if self.cluster.is_some() {
+                let ticket = self.new_id();
+                publication.ticket = Some((self.id, ticket));
+                self.open_tickets.borrow_mut().insert(ticket, false);
+                tickets.ids.push(ticket);
+            }
             self.publish(publication);
         }
         self.handle_own_messages();

@@ -7,6 +7,7 @@ use super::home::Announcement;
 use super::Shard;
 use crate::channels::ChannelKey;
 use crate::cluster::link::LinkEvent;
+use crate::cluster::Cluster;
 use crate::protocol::ws;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ impl Shard {
             return Some(announcement);
         };
         let key = &announcement.key;
-        let topic = cluster.topic(&self.node.app(key.app).id, &key.name);
+        let topic = self.topic_of(cluster, key);
         let mut awaiting = self.awaiting_subscription.borrow_mut();
         if let Some(waiting) = awaiting.get_mut(&topic) {
             waiting.push(announcement);
@@ -61,9 +62,13 @@ impl Shard {
     /// The node's last subscriber of the channel left: stop receiving its topic.
     pub(super) fn leave_cluster_topic(&self, key: &ChannelKey) {
         if let Some(cluster) = &self.cluster {
-            let topic = cluster.topic(&self.node.app(key.app).id, &key.name);
-            cluster.link.unsubscribe(&topic);
+            cluster.link.unsubscribe(&self.topic_of(cluster, key));
         }
+    }
+
+    /// The Redis topic of a channel (named by the app's id, the same on every node).
+    fn topic_of(&self, cluster: &Cluster, key: &ChannelKey) -> Vec<u8> {
+        cluster.topic(&self.node.app(key.app).id, &key.name)
     }
 
     /// What the shard's Redis link reports.
