@@ -380,29 +380,53 @@ impl RedisLink {
 }
 
 /// Turns the bytes of a RESP3 stream, as they arrive in pieces, into values. The `redis` crate's
-/// parser keeps its state between pieces, so no byte is read twice.
+/// parser keeps its state between pieces, so no byte is read twice; it bounds nesting (100
+/// levels) but not the size of a value, so the reader does: a broken or hostile Redis cannot make
+/// a shard buffer more than `MAX_VALUE_BYTES` for one unfinished value.
 #[derive(Default)]
 pub struct RespReader {
     parser: redis::Parser,
+    /// Bytes fed since the last complete value (counted per piece, so it may over-count by the
+    /// tail of the piece that completed a value: never under).
+    unfinished: usize,
 }
+
+/// Largest value accepted from Redis: far above any message a node publishes (an HTTP body is
+/// at most `max_request_body_bytes`, 1 MiB by default).
+pub const MAX_VALUE_BYTES: usize = 64 << 20;
 
 impl RespReader {
     /// Parses `bytes` (the next piece of the stream), handing each complete value to `each`;
     /// a value cut at the end of the piece is completed by the next one. Err: bytes that are not
-    /// RESP, or what `each` refused.
+    /// RESP, a value over `MAX_VALUE_BYTES`, or what `each` refused.
     pub fn feed(
         &mut self,
         bytes: &[u8],
         each: &mut dyn FnMut(Value) -> Result<(), String>,
     ) -> Result<(), String> {
         let mut input = Chunk(bytes);
+        let mut completed = false;
         loop {
             match self.parser.parse_value(&mut input) {
-                Ok(value) => each(value)?,
-                Err(e) if e.kind() == redis::ErrorKind::Io => return Ok(()),
+                Ok(value) => {
+                    completed = true;
+                    each(value)?
+                }
+                Err(e) if e.kind() == redis::ErrorKind::Io => break,
                 Err(e) => return Err(format!("unreadable reply from Redis: {e}")),
             }
         }
+        // After a complete value only the rest of this piece can belong to an unfinished one.
+        self.unfinished = match completed {
+            true => bytes.len(),
+            false => self.unfinished.saturating_add(bytes.len()),
+        };
+        if self.unfinished > MAX_VALUE_BYTES {
+            return Err(format!(
+                "a reply from Redis is larger than {MAX_VALUE_BYTES} bytes"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -419,5 +443,38 @@ impl Read for Chunk<'_> {
         out[..n].copy_from_slice(&self.0[..n]);
         self.0 = &self.0[n..];
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_parse_across_pieces_and_an_endless_one_is_refused() {
+        let mut reader = RespReader::default();
+        let mut seen = Vec::new();
+        let mut each = |v: Value| {
+            seen.push(format!("{v:?}"));
+            Ok(())
+        };
+        reader.feed(b"+OK\r\n:4", &mut each).unwrap();
+        reader.feed(b"2\r\n", &mut each).unwrap();
+        assert_eq!(seen.len(), 2);
+        // A bulk string announced far larger than anything published: the reader gives up
+        // before holding more than the bound.
+        let mut reader = RespReader::default();
+        let header = format!("${}\r\n", MAX_VALUE_BYTES * 2);
+        reader.feed(header.as_bytes(), &mut |_| Ok(())).unwrap();
+        let piece = vec![b'x'; 1 << 20];
+        let mut fed = 0;
+        let refused = loop {
+            if let Err(e) = reader.feed(&piece, &mut |_| Ok(())) {
+                break e;
+            }
+            fed += piece.len();
+            assert!(fed <= MAX_VALUE_BYTES, "still buffering past the bound");
+        };
+        assert!(refused.contains("larger than"), "{refused}");
     }
 }
