@@ -11,33 +11,17 @@ use std::time::{Duration, Instant};
 const QUIET: Duration = Duration::from_millis(300);
 
 fn node(redis: &Redis) -> Server {
-    node_with(redis, "")
+    cluster_node(redis, "")
 }
 
 fn node_with(redis: &Redis, cluster_extra: &str) -> Server {
-    let top = format!(
-        "[cluster]\nredis_url = \"{}\"\nprefix = \"t\"\n{cluster_extra}",
-        redis.url()
-    );
-    // `[cluster]` must follow the top-level keys and precede the apps.
-    Server::with_config(
-        &config_toml("", "", "").replace("\n[[apps]]", &format!("\n{top}\n[[apps]]")),
-    )
+    cluster_node(redis, cluster_extra)
 }
 
 fn trigger_with(server: &Server, channel: &str, event: &str, socket_id: &str) -> u16 {
     let body = json!({"name": event, "channel": channel, "data": "x", "socket_id": socket_id});
     let path = format!("/apps/{APP_ID}/events");
     server.api("POST", &path, &[], &body.to_string()).0
-}
-
-/// Waits until `check` holds (the cluster converges asynchronously), or fails after 10 s.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "not within 10 s: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -22,8 +22,13 @@ pub struct HomeChannel {
     pub per_shard: Vec<u32>,
     /// Subscribed sockets on all shards.
     pub total: u32,
-    /// Presence channels only: the members, in join order.
+    /// Presence channels only: the members on this node, in join order.
     pub members: Option<Vec<Member>>,
+    /// In a cluster, once Redis has told this node the channel's members: every member of the
+    /// cluster, as this node's subscribers were told them (user id -> info). It always holds
+    /// the local members. None: the local members are all there is (a single node, or Redis
+    /// not heard yet).
+    pub roster: Option<AHashMap<String, String>>,
     /// When `pusher_internal:subscription_count` last went out, and whether a change since then
     /// is waiting for the throttle (busy channels get it at most every few seconds).
     pub count_sent: Option<std::time::Instant>,
@@ -46,6 +51,7 @@ impl HomeChannel {
             per_shard: vec![0; shards],
             total: 0,
             members: None,
+            roster: None,
             count_sent: None,
             count_pending: false,
         }
@@ -53,7 +59,98 @@ impl HomeChannel {
 
     /// Distinct users in a presence channel (0 for other channels).
     pub fn user_count(&self) -> u32 {
-        self.members.as_ref().map_or(0, |m| m.len() as u32)
+        self.view_len() as u32
+    }
+
+    /// The members as subscribers know them: the roster, or the local members.
+    pub fn member_view(&self) -> Vec<(&str, &str)> {
+        match &self.roster {
+            Some(roster) => roster
+                .iter()
+                .map(|(u, i)| (u.as_str(), i.as_str()))
+                .collect(),
+            None => self.local_members().collect(),
+        }
+    }
+
+    /// The members on this node (user id, info).
+    pub fn local_members(&self) -> impl Iterator<Item = (&str, &str)> {
+        let members = self.members.as_deref().unwrap_or(&[]);
+        members
+            .iter()
+            .map(|m| (m.user_id.as_str(), m.user_info.as_str()))
+    }
+
+    fn view_len(&self) -> usize {
+        match &self.roster {
+            Some(roster) => roster.len(),
+            None => self.members.as_ref().map_or(0, Vec::len),
+        }
+    }
+
+    fn in_view(&self, user_id: &str) -> bool {
+        match &self.roster {
+            Some(roster) => roster.contains_key(user_id),
+            None => self.is_local_member(user_id),
+        }
+    }
+
+    /// The user has a socket on this node in the channel.
+    pub fn is_local_member(&self, user_id: &str) -> bool {
+        let members = self.members.as_deref().unwrap_or(&[]);
+        members.iter().any(|m| m.user_id == user_id)
+    }
+
+    /// A member joined somewhere: true when subscribers have to be told (`member_added`).
+    /// Without a roster (a single node) that is the local rule, given as `new_locally`.
+    pub fn add_to_view(&mut self, user_id: &str, user_info: &str, new_locally: bool) -> bool {
+        match &mut self.roster {
+            Some(roster) if roster.contains_key(user_id) => false,
+            Some(roster) => {
+                roster.insert(user_id.to_owned(), user_info.to_owned());
+                true
+            }
+            None => new_locally,
+        }
+    }
+
+    /// A member left the cluster: true when subscribers have to be told (`member_removed`).
+    /// A user with a socket here has not left, whatever another node says.
+    pub fn remove_from_view(&mut self, user_id: &str) -> bool {
+        if self.is_local_member(user_id) {
+            return false;
+        }
+        self.roster
+            .as_mut()
+            .is_some_and(|roster| roster.remove(user_id).is_some())
+    }
+
+    /// Takes Redis's member list (plus the local members, who may have joined since it was
+    /// taken) as the roster, and returns what subscribers have to be told: members added (id,
+    /// info) and removed.
+    pub fn set_roster(
+        &mut self,
+        members: Vec<(String, String)>,
+    ) -> (Vec<(String, String)>, Vec<String>) {
+        let mut roster: AHashMap<String, String> = members.into_iter().collect();
+        for (user_id, user_info) in self.local_members() {
+            if !roster.contains_key(user_id) {
+                roster.insert(user_id.to_owned(), user_info.to_owned());
+            }
+        }
+        let told: AHashMap<&str, &str> = self.member_view().into_iter().collect();
+        let added = roster
+            .iter()
+            .filter(|(u, _)| !told.contains_key(u.as_str()))
+            .map(|(u, i)| (u.clone(), i.clone()))
+            .collect();
+        let removed = told
+            .keys()
+            .filter(|u| !roster.contains_key(**u))
+            .map(|u| u.to_string())
+            .collect();
+        self.roster = Some(roster);
+        (added, removed)
     }
 
     /// Shards that have at least one subscriber.
@@ -67,23 +164,23 @@ impl HomeChannel {
 
     /// `{"presence":{"ids":[..],"hash":{..},"count":n}}`: every id is a key of `hash`.
     pub fn presence_json(&self) -> String {
-        let members = self.members.as_deref().unwrap_or(&[]);
+        let members = self.member_view();
         let mut out = Vec::with_capacity(40 + members.len() * 32);
         out.extend_from_slice(b"{\"presence\":{\"ids\":[");
-        for (i, member) in members.iter().enumerate() {
+        for (i, (user_id, _)) in members.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            push_str_literal(&mut out, &member.user_id);
+            push_str_literal(&mut out, user_id);
         }
         out.extend_from_slice(b"],\"hash\":{");
-        for (i, member) in members.iter().enumerate() {
+        for (i, (user_id, user_info)) in members.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            push_str_literal(&mut out, &member.user_id);
+            push_str_literal(&mut out, user_id);
             out.push(b':');
-            out.extend_from_slice(member.user_info.as_bytes());
+            out.extend_from_slice(user_info.as_bytes());
         }
         out.extend_from_slice(format!("}},\"count\":{}}}}}", members.len()).as_bytes());
         String::from_utf8(out).unwrap_or_default()
@@ -131,11 +228,14 @@ impl HomeChannels {
             .or_insert_with(|| HomeChannel::new(shards));
         let mut joined = Joined::Socket;
         if let Some(joining) = member {
+            // The cap counts the members of the cluster where they are known.
+            let full =
+                !channel.in_view(&joining.user_id) && channel.view_len() as u32 >= max_members;
             let members = channel.members.get_or_insert_with(Vec::new);
             match members.iter_mut().find(|m| m.user_id == joining.user_id) {
                 Some(m) => m.sockets += 1,
                 None => {
-                    if members.len() as u32 >= max_members {
+                    if full {
                         if channel.total == 0 {
                             self.channels.remove(key);
                         }
@@ -190,6 +290,11 @@ impl HomeChannels {
         self.channels
             .iter()
             .filter(move |(k, c)| k.app == app && c.total > 0 && k.name.starts_with(prefix))
+    }
+
+    /// Every channel homed here that has subscribers.
+    pub fn iter(&self) -> impl Iterator<Item = (&ChannelKey, &HomeChannel)> {
+        self.channels.iter()
     }
 
     /// Channels homed here that have subscribers.

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Read};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -32,12 +33,48 @@ pub enum LinkEvent {
     Up,
     /// The link lost Redis; it keeps trying.
     Down(String),
+    /// The reply to a command sent with `command_then_event(.., token)`.
+    Reply {
+        /// The token the command was sent with.
+        token: u64,
+        /// Redis's reply (an error reply included).
+        value: Value,
+    },
 }
 
-/// A command waiting to be written, and whether a regular reply will answer it.
+/// Who gets the reply of a command.
+#[derive(Clone)]
+enum ReplyTo {
+    /// Nobody: a reply is read and dropped (an error is logged once).
+    Nobody,
+    /// The handshake: an error means the link cannot work.
+    Handshake,
+    /// The shard, as `LinkEvent::Reply` with this token.
+    Event(u64),
+    /// A task waiting in `RedisLink::ask`.
+    Caller(Rc<ReplySlot>),
+}
+
+/// Where `ask` waits for its reply. None after the link went down: the reply will never come.
+#[derive(Default)]
+struct ReplySlot {
+    value: RefCell<Option<Option<Value>>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ReplySlot {
+    fn fill(&self, value: Option<Value>) {
+        *self.value.borrow_mut() = Some(value);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// A command waiting to be written, and who gets its reply (None: it gets no regular reply).
 struct Queued {
     bytes: Vec<u8>,
-    expects_reply: bool,
+    reply_to: Option<ReplyTo>,
     /// Connection state (handshake, SUBSCRIBE, UNSUBSCRIBE), rebuilt from scratch on each
     /// connect: unwritten ones are dropped then, so retries never pile them up and a stale
     /// SUBSCRIBE never follows the topic set.
@@ -54,9 +91,8 @@ pub struct RedisLink {
     /// Commands not yet written, in order; `written` bytes of the front one are out.
     queue: RefCell<VecDeque<Queued>>,
     written: Cell<usize>,
-    /// For each command written and not yet answered, in order: whether it belongs to the
-    /// handshake (an error there means the link cannot work; elsewhere it is logged).
-    replies_due: RefCell<VecDeque<bool>>,
+    /// For each command written and not yet answered, in order: who gets the reply.
+    replies_due: RefCell<VecDeque<ReplyTo>>,
     /// Seconds of silence after which the link pings, and after which it gives Redis up.
     ping_after: Duration,
     dead_after: Duration,
@@ -119,19 +155,49 @@ impl RedisLink {
     /// logged). Returns false when the queue is full (Redis away, or not keeping up): the
     /// command is refused rather than held without bound.
     pub fn command(&self, cmd: &redis::Cmd) -> bool {
+        self.queue_command(cmd, ReplyTo::Nobody)
+    }
+
+    /// Like `command`, and its reply comes back as `LinkEvent::Reply` with `token` (unless the
+    /// link goes down first: then the shard learns it from `LinkEvent::Down`).
+    pub fn command_then_event(&self, cmd: &redis::Cmd, token: u64) -> bool {
+        self.queue_command(cmd, ReplyTo::Event(token))
+    }
+
+    /// Sends a command and waits for its reply. None: the link is down (nothing is queued for
+    /// a caller who waits), the queue is full, or the link went down before the reply came.
+    pub async fn ask(&self, cmd: &redis::Cmd) -> Option<Value> {
+        if !self.up.get() {
+            return None;
+        }
+        let slot = Rc::new(ReplySlot::default());
+        if !self.queue_command(cmd, ReplyTo::Caller(slot.clone())) {
+            return None;
+        }
+        poll_fn(|cx| match slot.value.borrow_mut().take() {
+            Some(value) => Poll::Ready(value),
+            None => {
+                *slot.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn queue_command(&self, cmd: &redis::Cmd, reply_to: ReplyTo) -> bool {
         if self.queue.borrow().len() >= self.max_queued {
             return false;
         }
-        self.push(cmd, true, false);
+        self.push(cmd, Some(reply_to), false);
         true
     }
 
-    fn push(&self, cmd: &redis::Cmd, expects_reply: bool, state: bool) {
+    fn push(&self, cmd: &redis::Cmd, reply_to: Option<ReplyTo>, state: bool) {
         let mut bytes = Vec::new();
         cmd.write_packed_command(&mut bytes);
         self.queue.borrow_mut().push_back(Queued {
             bytes,
-            expects_reply,
+            reply_to,
             state,
         });
         if let Some(w) = self.waker.borrow_mut().take() {
@@ -148,7 +214,7 @@ impl RedisLink {
                 .borrow_mut()
                 .entry(topic.to_vec())
                 .or_default() += 1;
-            self.push(redis::cmd("SUBSCRIBE").arg(topic), false, true);
+            self.push(redis::cmd("SUBSCRIBE").arg(topic), None, true);
         }
     }
 
@@ -160,7 +226,7 @@ impl RedisLink {
     /// Unsubscribes from `topic`.
     pub fn unsubscribe(&self, topic: &[u8]) {
         if self.topics.borrow_mut().remove(topic) && self.up.get() {
-            self.push(redis::cmd("UNSUBSCRIBE").arg(topic), false, true);
+            self.push(redis::cmd("UNSUBSCRIBE").arg(topic), None, true);
         }
     }
 
@@ -208,21 +274,22 @@ impl RedisLink {
             .set_read_timeout(Some(self.ping_after))
             .map_err(|e| io::Error::other(e.to_string()))?;
         // The handshake and the resubscriptions go before anything queued while away.
-        let state = |bytes: Vec<u8>, expects_reply: bool| Queued {
+        let state = |bytes: Vec<u8>, reply_to: Option<ReplyTo>| Queued {
             bytes,
-            expects_reply,
+            reply_to,
             state: true,
         };
-        let mut first = vec![state(self.hello().get_packed_command(), true)];
+        let handshake = Some(ReplyTo::Handshake);
+        let mut first = vec![state(self.hello().get_packed_command(), handshake.clone())];
         if self.db != 0 {
             let select = redis::cmd("SELECT").arg(self.db).get_packed_command();
-            first.push(state(select, true));
+            first.push(state(select, handshake));
         }
         let mut unconfirmed = self.unconfirmed.borrow_mut();
         unconfirmed.clear();
         for topic in self.topics.borrow().iter() {
             let subscribe = redis::cmd("SUBSCRIBE").arg(&topic[..]).get_packed_command();
-            first.push(state(subscribe, false));
+            first.push(state(subscribe, None));
             unconfirmed.insert(topic.clone(), 1);
         }
         drop(unconfirmed);
@@ -246,11 +313,27 @@ impl RedisLink {
     }
 
     /// A command half written when the link broke is sent again whole; replies in flight are
-    /// gone with the connection.
+    /// gone with the connection, and so is anything queued for a caller who waits.
     fn went_down(&self) {
         self.up.set(false);
         self.written.set(0);
-        self.replies_due.borrow_mut().clear();
+        let lost = std::mem::take(&mut *self.replies_due.borrow_mut());
+        let unsent: VecDeque<Queued> = {
+            let mut queue = self.queue.borrow_mut();
+            let (callers, kept) = std::mem::take(&mut *queue)
+                .into_iter()
+                .partition(|q| matches!(q.reply_to, Some(ReplyTo::Caller(_))));
+            *queue = kept;
+            callers
+        };
+        let callers = lost
+            .into_iter()
+            .chain(unsent.into_iter().filter_map(|q| q.reply_to));
+        for reply_to in callers {
+            if let ReplyTo::Caller(slot) = reply_to {
+                slot.fill(None);
+            }
+        }
     }
 
     /// Writes what is queued and handles what arrives until the connection fails; returns why.
@@ -276,7 +359,7 @@ impl RedisLink {
                         let secs = self.dead_after.as_secs();
                         return format!("no answer from Redis in {secs} s");
                     }
-                    self.push(&redis::cmd("PING"), true, false);
+                    self.push(&redis::cmd("PING"), Some(ReplyTo::Nobody), false);
                     continue;
                 }
                 Err(e) => return e.to_string(),
@@ -308,10 +391,9 @@ impl RedisLink {
                 }
                 Poll::Ready(Ok(_)) => {
                     self.written.set(0);
-                    if front.expects_reply {
-                        self.replies_due.borrow_mut().push_back(front.state);
+                    if let Some(reply_to) = queue.pop_front().and_then(|q| q.reply_to) {
+                        self.replies_due.borrow_mut().push_back(reply_to);
                     }
-                    queue.pop_front();
                 }
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => return Ok(()),
@@ -350,30 +432,34 @@ impl RedisLink {
                 Ok(())
             }
             reply => {
-                let handshake = self.replies_due.borrow_mut().pop_front();
-                match (handshake, reply) {
-                    (None, _) => Err("Redis sent a reply nobody asked for".into()),
-                    (Some(true), Value::ServerError(e)) => {
-                        Err(format!("Redis refused the handshake: {e}"))
+                let reply_to = self.replies_due.borrow_mut().pop_front();
+                if let Value::ServerError(e) = &reply {
+                    if matches!(reply_to, Some(ReplyTo::Handshake)) {
+                        return Err(format!("Redis refused the handshake: {e}"));
                     }
-                    (Some(true), _) => {
+                    // One refused command (a PUBLISH, say) does not end the link.
+                    let errors = self.command_errors.get();
+                    self.command_errors.set(errors + 1);
+                    if errors == 0 {
+                        crate::log_warn!("Redis refused a command: {e}");
+                    }
+                }
+                match reply_to {
+                    None => return Err("Redis sent a reply nobody asked for".into()),
+                    Some(ReplyTo::Nobody) => {}
+                    Some(ReplyTo::Handshake) => {
                         // `up` is false from connect until the handshake's first answer.
                         if !self.up.replace(true) {
                             on_event(LinkEvent::Up);
                         }
-                        Ok(())
                     }
-                    // One refused command (a PUBLISH, say) does not end the link.
-                    (Some(false), Value::ServerError(e)) => {
-                        let errors = self.command_errors.get();
-                        self.command_errors.set(errors + 1);
-                        if errors == 0 {
-                            crate::log_warn!("Redis refused a command: {e}");
-                        }
-                        Ok(())
-                    }
-                    (Some(false), _) => Ok(()),
+                    Some(ReplyTo::Event(token)) => on_event(LinkEvent::Reply {
+                        token,
+                        value: reply,
+                    }),
+                    Some(ReplyTo::Caller(slot)) => slot.fill(Some(reply)),
                 }
+                Ok(())
             }
         }
     }

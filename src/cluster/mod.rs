@@ -6,16 +6,19 @@
 //! This layer knows Redis and the message format; the shard runtime decides when to use it.
 
 pub mod link;
+pub mod state;
 
 use crate::config::ClusterConfig;
 use link::RedisLink;
+use state::State;
 use std::time::Duration;
 
 /// One shard's part of the cluster: its link and the names it uses. Owned by the shard.
 pub struct Cluster {
     /// The shard's Redis link.
     pub link: RedisLink,
-    node_id: String,
+    /// The shared state's commands and replies.
+    pub state: State,
     prefix: String,
 }
 
@@ -38,8 +41,9 @@ pub struct RemotePublish<'a> {
 const MAGIC: &[u8] = b"SP1";
 
 impl Cluster {
-    /// The cluster part of a shard, from the validated `[cluster]` settings.
-    pub fn new(config: &ClusterConfig, redis: &redis::ConnectionInfo) -> Cluster {
+    /// The cluster part of a shard, from the validated `[cluster]` settings; `instance` is
+    /// random per start of the process (the same on all its shards).
+    pub fn new(config: &ClusterConfig, redis: &redis::ConnectionInfo, instance: u32) -> Cluster {
         Cluster {
             link: RedisLink::new(
                 redis,
@@ -47,7 +51,7 @@ impl Cluster {
                 Duration::from_secs(config.heartbeat_interval.into()),
                 Duration::from_secs(config.node_timeout.into()),
             ),
-            node_id: config.node_id.clone(),
+            state: State::new(&config.prefix, &config.node_id, instance),
             prefix: config.prefix.clone(),
         }
     }
@@ -70,7 +74,7 @@ impl Cluster {
     /// `SP1` and length-prefixed fields: node id, app id, channel, excluded socket id, frame.
     fn encode(&self, app_id: &str, channel: &str, except: &str, frame: &[u8]) -> Vec<u8> {
         let fields: [&[u8]; 5] = [
-            self.node_id.as_bytes(),
+            self.node_id().as_bytes(),
             app_id.as_bytes(),
             channel.as_bytes(),
             except.as_bytes(),
@@ -86,9 +90,10 @@ impl Cluster {
         out
     }
 
-    /// This node's id.
+    /// This node's name on the wire: its id and this life's number, so that a restarted node
+    /// is never taken for its former self.
     pub fn node_id(&self) -> &str {
-        &self.node_id
+        self.state.owner()
     }
 }
 
@@ -136,7 +141,7 @@ mod tests {
             ..ClusterConfig::default()
         };
         let info = config.redis_url.as_str().into_connection_info().unwrap();
-        Cluster::new(&config, &info)
+        Cluster::new(&config, &info, 1)
     }
 
     #[test]
@@ -152,7 +157,7 @@ mod tests {
         assert_eq!(
             read,
             RemotePublish {
-                node_id: "n1",
+                node_id: "n1/00000001",
                 app_id: "7",
                 channel: "news",
                 except: "1.2",

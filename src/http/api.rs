@@ -9,7 +9,7 @@ use crate::config::AppConfig;
 use crate::protocol::channel::{is_cache_channel, validate_name, ChannelKind};
 use crate::protocol::events::{self, Data};
 use crate::protocol::json::{self, check_depth, str_literal, MAX_JSON_DEPTH};
-use crate::shard::messages::{CachedEvent, ChannelStats, Publication};
+use crate::shard::messages::{CachedEvent, ChannelStats, ClusterUnavailable, Publication};
 use crate::shard::{Node, Shard};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,15 @@ struct Empty {}
 
 fn fail(status: u16, message: impl Into<String>) -> ApiError {
     ApiError::new(status, message)
+}
+
+impl From<ClusterUnavailable> for ApiError {
+    fn from(_: ClusterUnavailable) -> ApiError {
+        fail(
+            503,
+            "Redis is unavailable: cluster-wide channel information cannot be given right now",
+        )
+    }
 }
 
 /// What the API answers, whatever went wrong: the handler's result as a reply.
@@ -418,20 +427,20 @@ async fn channel_attributes(
     app: u32,
     channels: &[String],
     info: Attributes,
-) -> Vec<(String, ChannelAttributes<'static>)> {
+) -> Result<Vec<(String, ChannelAttributes<'static>)>, ApiError> {
     let mut out: Vec<(String, ChannelAttributes<'static>)> = Vec::new();
     for channel in channels {
         if out.iter().any(|(name, _)| name == channel) {
             continue;
         }
-        let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
+        let stats = shard.channel_stats(ChannelKey::new(app, channel)).await?;
         let presence = ChannelKind::of(channel) == ChannelKind::Presence;
         out.push((
             channel.clone(),
             ChannelAttributes::of(&stats, info, presence),
         ));
     }
-    out
+    Ok(out)
 }
 
 /// What a JSON body must pass before it is parsed: UTF-8 (the parser assumes it) and a bounded
@@ -502,7 +511,7 @@ async fn trigger(
     if !event.info.requested {
         return Ok(ok(&Empty {}));
     }
-    let channels = channel_attributes(shard, app, &event.channels, event.info).await;
+    let channels = channel_attributes(shard, app, &event.channels, event.info).await?;
     Ok(ok(&ChannelsBody {
         channels: ByName(&channels),
     }))
@@ -527,7 +536,7 @@ async fn batch(
     let mut batch = Vec::with_capacity(events.len());
     for event in &events {
         let channel = &event.channels[0];
-        let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
+        let stats = shard.channel_stats(ChannelKey::new(app, channel)).await?;
         let presence = ChannelKind::of(channel) == ChannelKind::Presence;
         batch.push(ChannelAttributes::of(&stats, event.info, presence));
     }
@@ -545,7 +554,7 @@ async fn list_channels(shard: &Shard, app: u32, params: &Params) -> Result<Reply
     }
     let channels: Vec<(String, ChannelAttributes<'_>)> = shard
         .occupied_channels(app, prefix)
-        .await
+        .await?
         .into_iter()
         .map(|(name, stats)| (name, ChannelAttributes::of(&stats, info, true)))
         .collect();
@@ -574,7 +583,7 @@ async fn channel_info(
     let with_cache = info.cache && is_cache_channel(channel);
     let found = shard
         .channel_info(ChannelKey::new(app, channel), with_cache)
-        .await;
+        .await?;
     let mut body = ChannelAttributes::of(&found.stats, info, true);
     body.occupied = Some(found.stats.subscription_count > 0);
     if info.cache {
@@ -593,7 +602,7 @@ async fn deprecated_stats(shard: &Shard, app: u32, channel: &str) -> Result<Repl
         connection_count: u32,
     }
     checked_channel(shard, app, channel)?;
-    let stats = shard.channel_stats(ChannelKey::new(app, channel)).await;
+    let stats = shard.channel_stats(ChannelKey::new(app, channel)).await?;
     let presence = ChannelKind::of(channel) == ChannelKind::Presence;
     Ok(ok(&StatsBody {
         occupied: stats.subscription_count > 0,
@@ -660,7 +669,9 @@ async fn channel_users(shard: &Shard, app: u32, channel: &str) -> Result<Reply, 
         return Err(fail(400, "Users can only be listed for presence channels"));
     }
     checked_channel(shard, app, channel)?;
-    let ids = shard.presence_user_ids(ChannelKey::new(app, channel)).await;
+    let ids = shard
+        .presence_user_ids(ChannelKey::new(app, channel))
+        .await?;
     let users = ids.into_iter().map(|id| User { id }).collect();
     Ok(ok(&UsersBody { users }))
 }

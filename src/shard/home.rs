@@ -12,7 +12,7 @@ use crate::channels::home::{HomeChannel, HomeChannels, Joined};
 use crate::channels::watch::WatchCounts;
 use crate::channels::ChannelKey;
 use crate::protocol::channel::{is_cache_channel, ChannelKind};
-use crate::protocol::events;
+use crate::protocol::events::{self, PresenceMember};
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,12 +30,14 @@ pub(super) struct Announcement {
     origin: usize,
     reply: ShardMsg,
     pub(super) key: ChannelKey,
-    member_added: Option<(Arc<[u8]>, u64)>,
+    /// Presence: the member, the joining socket, and whether it is the user's first socket on
+    /// this node.
+    member: Option<(PresenceMember, u64, bool)>,
 }
 
 /// The tables of the channels and users homed on one shard.
 pub(super) struct Home {
-    channels: RefCell<HomeChannels>,
+    pub(super) channels: RefCell<HomeChannels>,
     /// Last HTTP event of each cache channel homed here.
     cache: RefCell<ChannelCache>,
     /// When the cache was last purged of expired entries.
@@ -149,12 +151,11 @@ impl Shard {
             }
         };
         let ack = JoinAck {
-            succeeded: member.as_ref().and_then(|_| {
-                let channels = self.home.channels.borrow();
-                let data = channels.get(&key)?.presence_json();
-                Some(Arc::from(events::subscription_succeeded(&key.name, &data)))
-            }),
-            // Filled by `announce` (a duplicate subscribe gets none).
+            // Filled by `announce`, which may come later (a duplicate gets this one now).
+            succeeded: match (&member, duplicate) {
+                (Some(_), true) => self.presence_succeeded(&key),
+                _ => None,
+            },
             cache_event: None,
         };
         let reply = ShardMsg::JoinReply {
@@ -167,18 +168,13 @@ impl Shard {
         if duplicate {
             return self.route(origin, reply);
         }
-        let member_added = match (&member, joined) {
-            (Some(member), Joined::NewMember) => {
-                let frame = events::member_added(&key.name, &member.user_id, &member.user_info);
-                Some((Arc::from(frame), conn))
-            }
-            _ => None,
-        };
+        let new_locally = joined == Joined::NewMember;
+        self.cluster_joined(&key, member.as_ref().filter(|_| new_locally));
         let announcement = Announcement {
             origin,
             reply,
             key,
-            member_added,
+            member: member.map(|m| (m, conn, new_locally)),
         };
         // A node's first subscriber is confirmed once Redis has the node's subscription, so
         // that whatever is published anywhere after the confirmation reaches it.
@@ -194,23 +190,59 @@ impl Shard {
             origin,
             mut reply,
             key,
-            member_added,
+            member,
         } = announcement;
-        // Taken now, not at the join: held for the cluster, the cache may have changed since.
+        let joined_presence = member.is_some();
+        // Whether the member is news to the channel's subscribers, as they know it now.
+        let member_added = member.filter(|(m, _, new_locally)| {
+            let mut channels = self.home.channels.borrow_mut();
+            let channel = channels.get_mut(&key);
+            channel.is_some_and(|c| c.add_to_view(&m.user_id, &m.user_info, *new_locally))
+        });
+        // Taken now, not at the join: held for the cluster, the members and the cache may have
+        // changed since.
         if let ShardMsg::JoinReply {
             result: Ok(ack), ..
         } = &mut reply
         {
+            if joined_presence {
+                ack.succeeded = self.presence_succeeded(&key);
+            }
             if is_cache_channel(&key.name) {
                 ack.cache_event = Some(self.cached_or_miss(&key));
             }
         }
         self.route(origin, reply);
-        if let Some((frame, conn)) = member_added {
+        if let Some((m, conn, _)) = member_added {
+            let frame = events::member_added(&key.name, &m.user_id, &m.user_info);
             let targets = self.subscriber_shards(&key);
-            self.broadcast(&targets, &key, frame, Some(conn));
+            self.broadcast(&targets, &key, Arc::from(frame), Some(conn));
         }
         self.count_changed(&key, true);
+    }
+
+    /// A presence channel's `subscription_succeeded`, with the members as subscribers know them.
+    fn presence_succeeded(&self, key: &ChannelKey) -> Option<Arc<[u8]>> {
+        let data = self.home.channels.borrow().get(key)?.presence_json();
+        Some(Arc::from(events::subscription_succeeded(&key.name, &data)))
+    }
+
+    /// Tells this node's subscribers of a presence channel that members came or went.
+    pub(super) fn tell_members(
+        &self,
+        key: &ChannelKey,
+        added: &[(String, String)],
+        removed: &[String],
+    ) {
+        let targets = self.subscriber_shards(key);
+        for (user_id, user_info) in added {
+            let frame = events::member_added(&key.name, user_id, user_info);
+            self.broadcast(&targets, key, Arc::from(frame), None);
+        }
+        for user_id in removed {
+            let frame = events::member_removed(&key.name, user_id);
+            self.broadcast(&targets, key, Arc::from(frame), None);
+        }
     }
 
     fn cached_or_miss(&self, key: &ChannelKey) -> Arc<[u8]> {
@@ -226,10 +258,19 @@ impl Shard {
             let mut channels = self.home.channels.borrow_mut();
             channels.leave(&key, origin, user_id.as_deref())
         };
-        if let (true, Some(user_id)) = (last_of_user, user_id) {
-            let frame = events::member_removed(&key.name, &user_id);
-            let targets = self.subscriber_shards(&key);
-            self.broadcast(&targets, &key, Arc::from(frame), None);
+        let left = user_id.filter(|_| last_of_user);
+        // In a cluster, Redis decides whether the user left the channel everywhere.
+        let decided_by_cluster = self.cluster_left(&key, left.as_deref());
+        if let Some(user_id) = left.filter(|_| !decided_by_cluster) {
+            let gone = {
+                let mut channels = self.home.channels.borrow_mut();
+                let channel = channels.get_mut(&key);
+                // Without a roster the local rule holds: the last socket here was the last.
+                channel.is_none_or(|c| c.roster.is_none() || c.remove_from_view(&user_id))
+            };
+            if gone {
+                self.tell_members(&key, &[], &[user_id]);
+            }
         }
         if self.home.channels.borrow().get(&key).is_none() {
             self.leave_cluster_topic(&key);

@@ -110,6 +110,8 @@ pub enum ShardMsg {
         /// The answer.
         answer: Answer,
     },
+    /// This node had been taken for dead by the cluster: assert the home channels' state again.
+    Reassert,
 }
 
 /// An event for one channel, encoded once: the home shard fans it out.
@@ -214,3 +216,8 @@ pub struct CachedEvent {
     /// Seconds until it expires.
     pub ttl_secs: u64,
 }
+
+/// Redis could not be asked (the link is down, or it did not answer): cluster-wide numbers
+/// cannot be given right now.
+#[derive(Debug)]
+pub struct ClusterUnavailable;

@@ -71,6 +71,11 @@ pub struct Shard {
     /// Tickets of this shard's publications still waiting for their barriers: true once a home
     /// reported that the other nodes could not be told.
     open_tickets: RefCell<AHashMap<u64, bool>>,
+    /// Presence channels whose member list was asked of Redis, by the token of the reply.
+    syncs: RefCell<AHashMap<u64, ChannelKey>>,
+    /// A state command could not be queued: Redis is behind this node until it asserts its
+    /// state again.
+    cluster_state_stale: Cell<bool>,
     /// The link's state as last logged (None: not yet).
     cluster_link_up: Cell<Option<bool>>,
     /// `handle_own_messages` is running (it never nests).
@@ -106,9 +111,15 @@ impl Shard {
             handling_own: Cell::new(false),
             cluster: node.config.cluster.as_ref().and_then(|cluster| {
                 let redis = node.config.redis()?;
-                Some(crate::cluster::Cluster::new(cluster, &redis))
+                Some(crate::cluster::Cluster::new(
+                    cluster,
+                    &redis,
+                    node.socket_prefix,
+                ))
             }),
             awaiting_subscription: RefCell::new(AHashMap::new()),
+            syncs: RefCell::new(AHashMap::new()),
+            cluster_state_stale: Cell::new(false),
             cluster_link_up: Cell::new(None),
             open_tickets: RefCell::new(AHashMap::new()),
             read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES].into_boxed_slice()),
@@ -151,6 +162,8 @@ impl Shard {
                 }
             })
             .detach();
+            let shard = self.clone();
+            glommio::spawn_local(async move { shard.heartbeats().await }).detach();
         }
         glommio::spawn_local(self.clone().sweep()).detach();
     }
@@ -302,6 +315,7 @@ impl Shard {
                 self.route(origin, ShardMsg::Answer { id, answer });
             }
             ShardMsg::Answer { id, answer } => self.mesh.answered(id, answer),
+            ShardMsg::Reassert => self.reassert(),
             ShardMsg::PublishRefused { ticket } => {
                 if let Some(refused) = self.open_tickets.borrow_mut().get_mut(&ticket) {
                     *refused = true;

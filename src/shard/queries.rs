@@ -1,9 +1,20 @@
 //! What the HTTP API asks of the runtime, one async method per question, each returning its own
-//! type. Counts come from each channel's home shard, so they are exact across shards.
+//! type. Counts come from each channel's home shard, so they are exact across shards; in a
+//! cluster they come from Redis, where every node keeps its share (`cluster::state`).
 
-use super::messages::{ChannelInfo, ChannelStats, Publication};
+use super::messages::{ChannelInfo, ChannelStats, ClusterUnavailable, Publication};
 use super::Shard;
 use crate::channels::ChannelKey;
+use crate::cluster::state::{self, ClusterStats};
+
+impl From<ClusterStats> for ChannelStats {
+    fn from(stats: ClusterStats) -> ChannelStats {
+        ChannelStats {
+            subscription_count: stats.subscription_count,
+            user_count: stats.user_count,
+        }
+    }
+}
 
 /// The tickets of one `publish_all`, closed when it ends, however it ends (a request dropped at
 /// its deadline too), so that a late refusal finds no ticket and nothing is kept for it.
@@ -63,34 +74,76 @@ impl Shard {
     }
 
     /// A channel's counts and, with `with_cache`, its cached event (cache channels).
-    pub async fn channel_info(&self, key: ChannelKey, with_cache: bool) -> ChannelInfo {
+    pub async fn channel_info(
+        &self,
+        key: ChannelKey,
+        with_cache: bool,
+    ) -> Result<ChannelInfo, ClusterUnavailable> {
         let home = key.home(self.node.shards);
-        self.mesh.ask_channel(self.id, home, key, with_cache).await
+        let Some(cluster) = &self.cluster else {
+            return Ok(self.mesh.ask_channel(self.id, home, key, with_cache).await);
+        };
+        let topic = self.topic_of(cluster, &key);
+        let reply = cluster.link.ask(&cluster.state.channel_stats(&topic)).await;
+        let stats = reply.as_ref().and_then(state::stats_of);
+        let stats = stats.ok_or(ClusterUnavailable)?;
+        let mut info = self.mesh.ask_channel(self.id, home, key, with_cache).await;
+        info.stats = stats.into();
+        Ok(info)
     }
 
     /// A channel's counts.
-    pub async fn channel_stats(&self, key: ChannelKey) -> ChannelStats {
-        self.channel_info(key, false).await.stats
+    pub async fn channel_stats(&self, key: ChannelKey) -> Result<ChannelStats, ClusterUnavailable> {
+        Ok(self.channel_info(key, false).await?.stats)
     }
 
-    /// The user ids of a presence channel, in join order.
-    pub async fn presence_user_ids(&self, key: ChannelKey) -> Vec<String> {
-        let home = key.home(self.node.shards);
-        self.mesh.ask_presence_users(self.id, home, key).await
+    /// The user ids of a presence channel (in join order on a single node).
+    pub async fn presence_user_ids(
+        &self,
+        key: ChannelKey,
+    ) -> Result<Vec<String>, ClusterUnavailable> {
+        let Some(cluster) = &self.cluster else {
+            let home = key.home(self.node.shards);
+            return Ok(self.mesh.ask_presence_users(self.id, home, key).await);
+        };
+        let topic = self.topic_of(cluster, &key);
+        let reply = cluster.link.ask(&cluster.state.members(&topic)).await;
+        let members = reply.as_ref().and_then(state::members_of);
+        let members = members.ok_or(ClusterUnavailable)?;
+        Ok(members.into_iter().map(|(user_id, _)| user_id).collect())
     }
 
     /// The occupied channels of `app` whose names start with `prefix`, sorted by name, from
-    /// every shard.
-    pub async fn occupied_channels(&self, app: u32, prefix: &str) -> Vec<(String, ChannelStats)> {
+    /// every shard (every node in a cluster).
+    pub async fn occupied_channels(
+        &self,
+        app: u32,
+        prefix: &str,
+    ) -> Result<Vec<(String, ChannelStats)>, ClusterUnavailable> {
         let mut all = Vec::new();
-        for shard in 0..self.node.shards {
-            let list = self
-                .mesh
-                .ask_occupied(self.id, shard, app, prefix.to_owned());
-            all.extend(list.await);
+        if let Some(cluster) = &self.cluster {
+            let app_id = &self.node.app(app).id;
+            let reply = cluster
+                .link
+                .ask(&cluster.state.channels(app_id, prefix))
+                .await;
+            let channels = reply.as_ref().and_then(state::channels_of);
+            let channels = channels.ok_or(ClusterUnavailable)?;
+            // Signed-in users are channels inside, never listed.
+            let listed = channels
+                .into_iter()
+                .filter(|(name, _)| !name.starts_with('#'));
+            all.extend(listed.map(|(name, stats)| (name, stats.into())));
+        } else {
+            for shard in 0..self.node.shards {
+                let list = self
+                    .mesh
+                    .ask_occupied(self.id, shard, app, prefix.to_owned());
+                all.extend(list.await);
+            }
         }
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+        Ok(all)
     }
 
     /// Closes every connection signed in as the user, on every shard, and waits until the

@@ -1,16 +1,26 @@
 //! The shard's side of the cluster (`crate::cluster`): what a channel's home shard does with
 //! Redis. It subscribes the node to a channel's topic when the node gets its first subscriber
 //! and unsubscribes after the last, publishes what is published on this node, and fans out what
-//! other nodes publish exactly as a local publish.
+//! other nodes publish exactly as a local publish. It keeps the node's share of the shared
+//! state (`cluster::state`) up to date: subscriber counts and presence members, asserted again
+//! in full whenever the link comes back or the node learns it was taken for dead.
 
 use super::home::Announcement;
+use super::messages::ShardMsg;
 use super::Shard;
 use crate::channels::ChannelKey;
 use crate::cluster::link::LinkEvent;
+use crate::cluster::state::{self, MemberChange};
 use crate::cluster::Cluster;
+use crate::protocol::channel::ChannelKind;
+use crate::protocol::events::PresenceMember;
 use crate::protocol::ws;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// The token of the heartbeat's reply (sync tokens come from `new_id`, which never makes it).
+const HEARTBEAT: u64 = u64::MAX;
 
 impl Shard {
     /// Sends a publication of this node to the other nodes (nothing to do on a single node).
@@ -33,8 +43,74 @@ impl Shard {
         forwarded
     }
 
-    /// Keeps a join's announcement until Redis confirms the node's subscription to the channel
-    /// (the node's first subscriber, or one behind it). Returns it when it can go out now.
+    /// After a counted join: the node's count in Redis, and a user's first socket on this node
+    /// (`new_member`) in the channel's members.
+    pub(super) fn cluster_joined(&self, key: &ChannelKey, new_member: Option<&PresenceMember>) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let total = self.subscribers_on_node(key);
+        let app_id = &self.node.app(key.app).id;
+        let topic = self.topic_of(cluster, key);
+        let mut sent = true;
+        for cmd in cluster
+            .state
+            .count(&topic, app_id, &key.name, total, total == 1)
+        {
+            sent &= cluster.link.command(&cmd);
+        }
+        if let Some(m) = new_member.filter(|_| cluster.link.is_up()) {
+            let join = cluster
+                .state
+                .join(&topic, app_id, &key.name, &m.user_id, &m.user_info);
+            sent &= cluster.link.command(&join);
+        }
+        self.note_unsent(sent);
+    }
+
+    /// After a leave: the node's count in Redis, and the departure of a user's last socket on
+    /// this node (`left`). True when Redis decides whether that user left the channel
+    /// everywhere (its answer arrives on the topic); false when this node has to tell its
+    /// subscribers itself (no cluster, Redis away, or no roster yet).
+    pub(super) fn cluster_left(&self, key: &ChannelKey, left: Option<&str>) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        let total = self.subscribers_on_node(key);
+        let app_id = &self.node.app(key.app).id;
+        let topic = self.topic_of(cluster, key);
+        let mut sent = true;
+        for cmd in cluster.state.count(&topic, app_id, &key.name, total, false) {
+            sent &= cluster.link.command(&cmd);
+        }
+        let mut decided = false;
+        if let Some(user_id) = left.filter(|_| cluster.link.is_up()) {
+            let leave = cluster.state.leave(&topic, app_id, &key.name, user_id);
+            let queued = cluster.link.command(&leave);
+            sent &= queued;
+            let has_roster = {
+                let channels = self.home.channels.borrow();
+                channels.get(key).is_some_and(|c| c.roster.is_some())
+            };
+            decided = queued && has_roster;
+        }
+        self.note_unsent(sent);
+        decided
+    }
+
+    /// A state command the link refused (its queue was full) leaves Redis behind this node:
+    /// everything is asserted again at the next heartbeat.
+    fn note_unsent(&self, sent: bool) {
+        if !sent {
+            self.cluster_state_stale.set(true);
+        }
+    }
+
+    /// Keeps a join's announcement until the node is ready to confirm it in the cluster, and
+    /// returns it when it can go out now. Ready means Redis has the node's subscription to the
+    /// channel (so whatever is published anywhere afterwards reaches the joiner), and for a
+    /// presence channel that the node knows the members of the whole cluster. Without a link,
+    /// local delivery works at once and the node catches up when the link is back.
     pub(super) fn hold_for_cluster(&self, announcement: Announcement) -> Option<Announcement> {
         let Some(cluster) = &self.cluster else {
             return Some(announcement);
@@ -49,14 +125,110 @@ impl Shard {
         if self.subscribers_on_node(key) == 1 {
             cluster.link.subscribe(&topic);
         }
-        // Held while Redis may not have the subscription yet: the node's first subscriber, and
-        // any subscriber while the link resubscribes after a reconnect. Without a link, local
-        // delivery works at once and the link subscribes when it is back.
-        if !cluster.link.is_up() || !cluster.link.is_subscribing(&topic) {
+        if !cluster.link.is_up() {
+            return Some(announcement);
+        }
+        let needs_roster = self.needs_roster(key);
+        if needs_roster {
+            self.sync_channel(cluster, key);
+        } else if !cluster.link.is_subscribing(&topic) {
             return Some(announcement);
         }
         awaiting.insert(topic, vec![announcement]);
         None
+    }
+
+    /// A presence channel whose members this node has not had from Redis yet.
+    fn needs_roster(&self, key: &ChannelKey) -> bool {
+        ChannelKind::of(&key.name) == ChannelKind::Presence && {
+            let channels = self.home.channels.borrow();
+            channels.get(key).is_some_and(|c| c.roster.is_none())
+        }
+    }
+
+    /// Replaces the node's share of a channel in Redis; a presence channel's reply is its
+    /// members, which become the roster (`on_roster`).
+    fn sync_channel(&self, cluster: &Cluster, key: &ChannelKey) {
+        let channels = self.home.channels.borrow();
+        let Some(channel) = channels.get(key) else {
+            return;
+        };
+        let app_id = &self.node.app(key.app).id;
+        let topic = self.topic_of(cluster, key);
+        let members = channel.local_members();
+        let sync = cluster
+            .state
+            .sync(&topic, app_id, &key.name, channel.total, members);
+        let sent = if channel.members.is_some() {
+            let token = self.new_id();
+            self.syncs.borrow_mut().insert(token, key.clone());
+            cluster.link.command_then_event(&sync, token)
+        } else {
+            cluster.link.command(&sync)
+        };
+        drop(channels);
+        self.note_unsent(sent);
+    }
+
+    /// Asserts everything this shard's home channels hold (the link is back, or the node was
+    /// taken for dead): the node's registration first, then each channel's share.
+    pub(super) fn reassert(&self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        if !cluster.link.is_up() {
+            return;
+        }
+        self.cluster_state_stale.set(false);
+        let sent = cluster
+            .link
+            .command(&cluster.state.heartbeat(self.node_life_ms()));
+        self.note_unsent(sent);
+        let keys: Vec<ChannelKey> = {
+            let channels = self.home.channels.borrow();
+            channels.iter().map(|(k, _)| k.clone()).collect()
+        };
+        for key in keys {
+            self.sync_channel(cluster, &key);
+        }
+    }
+
+    /// How long a heartbeat keeps the node alive: the node timeout less one interval, so that
+    /// the survivors, checking once an interval, notice a death within the node timeout.
+    fn node_life_ms(&self) -> u64 {
+        let Some(config) = &self.node.config.cluster else {
+            return 0;
+        };
+        let life = config
+            .node_timeout
+            .saturating_sub(config.heartbeat_interval);
+        u64::from(life.max(1)) * 1000
+    }
+
+    /// Shard 0's task: heartbeats, each of which also removes the share of dead nodes; and on
+    /// every shard, a state that fell behind is asserted again.
+    pub(super) async fn heartbeats(&self) {
+        let Some(config) = &self.node.config.cluster else {
+            return;
+        };
+        let interval = Duration::from_secs(config.heartbeat_interval.into());
+        loop {
+            glommio::timer::sleep(interval).await;
+            let Some(cluster) = &self.cluster else {
+                return;
+            };
+            if !cluster.link.is_up() {
+                continue;
+            }
+            if self.cluster_state_stale.get() {
+                self.reassert();
+            }
+            if self.id == 0 {
+                let beat = cluster.state.heartbeat(self.node_life_ms());
+                cluster.link.command_then_event(&beat, HEARTBEAT);
+            }
+            self.handle_own_messages();
+        }
     }
 
     /// The node's last subscriber of the channel left: stop receiving its topic.
@@ -67,24 +239,27 @@ impl Shard {
     }
 
     /// The Redis topic of a channel (named by the app's id, the same on every node).
-    fn topic_of(&self, cluster: &Cluster, key: &ChannelKey) -> Vec<u8> {
+    pub(super) fn topic_of(&self, cluster: &Cluster, key: &ChannelKey) -> Vec<u8> {
         cluster.topic(&self.node.app(key.app).id, &key.name)
     }
 
     /// What the shard's Redis link reports.
     pub(super) fn on_cluster_event(&self, event: LinkEvent) {
         match event {
-            LinkEvent::Message { topic, payload } => self.deliver_remote(&topic, &payload),
-            LinkEvent::Subscribed(topic) => {
-                let released = self.awaiting_subscription.borrow_mut().remove(&topic);
-                for announcement in released.into_iter().flatten() {
-                    self.announce(announcement);
+            LinkEvent::Message { topic, payload } => {
+                if payload.starts_with(state::STATE_MAGIC) {
+                    self.on_member_change(&topic, &payload);
+                } else {
+                    self.deliver_remote(&topic, &payload);
                 }
             }
+            LinkEvent::Subscribed(topic) => self.release_held(&topic, false),
+            LinkEvent::Reply { token, value } => self.on_reply(token, &value),
             LinkEvent::Up => {
                 if self.cluster_link_up.replace(Some(true)) != Some(true) {
                     crate::log_info!("shard {}: Redis link up", self.id);
                 }
+                self.reassert();
             }
             LinkEvent::Down(reason) => {
                 // Nothing will confirm the held joins now: confirm them (local delivery works).
@@ -92,12 +267,117 @@ impl Shard {
                 for announcement in held.into_values().flatten() {
                     self.announce(announcement);
                 }
+                self.syncs.borrow_mut().clear();
                 if self.cluster_link_up.replace(Some(false)) != Some(false) {
                     crate::log_warn!("shard {}: Redis link down ({reason}); retrying", self.id);
                 }
             }
         }
         self.handle_own_messages();
+    }
+
+    /// Confirms the joins held for a topic: after Redis confirmed the subscription
+    /// (`with_roster` false: a presence channel still waiting for its members stays held), or
+    /// once the members arrived.
+    fn release_held(&self, topic: &[u8], with_roster: bool) {
+        let released = {
+            let mut awaiting = self.awaiting_subscription.borrow_mut();
+            let Some(held) = awaiting.get(topic) else {
+                return;
+            };
+            let waits_for_roster = held.first().is_some_and(|a| self.needs_roster(&a.key));
+            if waits_for_roster && !with_roster {
+                return;
+            }
+            awaiting.remove(topic)
+        };
+        for announcement in released.into_iter().flatten() {
+            self.announce(announcement);
+        }
+    }
+
+    fn on_reply(&self, token: u64, value: &redis::Value) {
+        if token == HEARTBEAT {
+            if !state::was_registered(value) {
+                crate::log_warn!("this node had been taken for dead; asserting its state again");
+                for shard in 0..self.node.shards {
+                    self.route(shard, ShardMsg::Reassert);
+                }
+            }
+            return;
+        }
+        let Some(key) = self.syncs.borrow_mut().remove(&token) else {
+            return;
+        };
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        // An error reply leaves the channel on the local rule until the next assertion.
+        let Some(members) = state::members_of(value) else {
+            self.cluster_state_stale.set(true);
+            return self.release_held(&self.topic_of(cluster, &key), true);
+        };
+        self.on_roster(&key, members);
+        self.release_held(&self.topic_of(cluster, &key), true);
+    }
+
+    /// Redis's member list for a channel, taken in the same step as the node's own share: it
+    /// becomes the roster, and subscribers hear what changed.
+    fn on_roster(&self, key: &ChannelKey, members: Vec<(String, String)>) {
+        let (added, removed) = {
+            let mut channels = self.home.channels.borrow_mut();
+            let Some(channel) = channels.get_mut(key) else {
+                return;
+            };
+            channel.set_roster(members)
+        };
+        self.tell_members(key, &added, &removed);
+    }
+
+    /// A presence change another node (or this one) made in Redis.
+    fn on_member_change(&self, topic: &[u8], payload: &[u8]) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let Some(change) = state::decode_change(payload) else {
+            return self.skip_foreign("a presence change that is not shardpush's");
+        };
+        let (app_id, channel) = match &change {
+            MemberChange::Added {
+                app_id, channel, ..
+            }
+            | MemberChange::Removed {
+                app_id, channel, ..
+            } => (app_id, channel),
+        };
+        let Some(app) = self.node.app_by_id(app_id) else {
+            return self.skip_foreign("a presence change for an app this node does not serve");
+        };
+        if cluster.topic(app_id, channel) != topic {
+            return self.skip_foreign("a presence change naming another channel than its topic");
+        }
+        let key = ChannelKey::new(app, channel);
+        let mut channels = self.home.channels.borrow_mut();
+        // Without a roster the change is in the member list that will make it.
+        let Some(home) = channels.get_mut(&key).filter(|c| c.roster.is_some()) else {
+            return;
+        };
+        match change {
+            MemberChange::Added {
+                user_id, user_info, ..
+            } => {
+                if home.add_to_view(&user_id, &user_info, false) {
+                    drop(channels);
+                    self.tell_members(&key, &[(user_id, user_info)], &[]);
+                }
+            }
+            MemberChange::Removed { user_id, .. } => {
+                if home.remove_from_view(&user_id) {
+                    drop(channels);
+                    self.tell_members(&key, &[], &[user_id]);
+                }
+            }
+        }
     }
 
     /// A publish from another node: fanned out to this node's subscribers like a local one.

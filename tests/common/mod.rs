@@ -447,6 +447,27 @@ pub fn data_of(m: &serde_json::Value) -> serde_json::Value {
         .expect("data string holds JSON")
 }
 
+/// A node of a cluster on `redis` (prefix `t`), with more `[cluster]` keys in `cluster_extra`.
+pub fn cluster_node(redis: &Redis, cluster_extra: &str) -> Server {
+    let top = format!(
+        "[cluster]\nredis_url = \"{}\"\nprefix = \"t\"\n{cluster_extra}",
+        redis.url()
+    );
+    // `[cluster]` must follow the top-level keys and precede the apps.
+    Server::with_config(
+        &config_toml("", "", "").replace("\n[[apps]]", &format!("\n{top}\n[[apps]]")),
+    )
+}
+
+/// Waits until `check` holds (a cluster converges asynchronously), or fails after 10 s.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "not within 10 s: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A `redis-server` of the test's own on a free loopback port, stopped when dropped.
 pub struct Redis {
     child: Child,

@@ -1,0 +1,525 @@
+//! The cluster's shared state in Redis: who is subscribed where, and presence members. Every
+//! piece is owned by one node instance (`owner`: the node id and a number random per start), so
+//! that the survivors of a dead node can remove exactly its share, and a node restarted under
+//! the same id never inherits its previous life's members.
+//!
+//! Keys (`P` is the prefix, `T` a channel's topic `P:{app_id:channel}`):
+//! - `P:nodes`: sorted set, owner -> when it expires (ms, Redis's clock), renewed by heartbeats;
+//! - `P:node:<owner>`: set of the channels where the owner has subscribers, as `["app","channel"]`;
+//! - `T:subs`: hash, owner -> how many sockets of the owner are subscribed;
+//! - `T:m:<owner>`: hash, user id -> user info (JSON): the owner's presence members.
+//!
+//! Presence changes are decided in Redis, atomically (Lua), and announced on the channel's topic
+//! as `SPJ` and a JSON array: `["added", app, channel, user, info]` when a user's first
+//! connection anywhere joins, `["removed", app, channel, user]` when their last one leaves.
+//! Every node applies them idempotently; a node that (re)joins a channel gets the full member
+//! list in the same Redis step as its own registration, so nothing falls between the two.
+
+use redis::Value;
+
+/// First bytes of a presence change on a topic.
+pub const STATE_MAGIC: &[u8] = b"SPJ";
+
+/// Shared Lua helpers: whether a user is a member through another owner, and every member of a
+/// channel (first owner's info wins) as a flat list.
+const HELPERS: &str = r#"
+local function elsewhere(topic, owner, user)
+  for _, n in ipairs(redis.call('HKEYS', topic .. ':subs')) do
+    if n ~= owner and redis.call('HEXISTS', topic .. ':m:' .. n, user) == 1 then
+      return true
+    end
+  end
+  return false
+end
+local function members(topic)
+  local seen, out = {}, {}
+  for _, n in ipairs(redis.call('HKEYS', topic .. ':subs')) do
+    local kv = redis.call('HGETALL', topic .. ':m:' .. n)
+    for i = 1, #kv, 2 do
+      if not seen[kv[i]] then
+        seen[kv[i]] = true
+        out[#out + 1] = kv[i]
+        out[#out + 1] = kv[i + 1]
+      end
+    end
+  end
+  return out
+end
+local function removed(app_channel, user)
+  return 'SPJ' .. cjson.encode({'removed', app_channel[1], app_channel[2], user})
+end
+local function added(app_channel, user, info)
+  return 'SPJ' .. cjson.encode({'added', app_channel[1], app_channel[2], user, info})
+end
+"#;
+
+/// ARGV: topic, owner, entry, user, info. A user's first connection on this node.
+const JOIN: &str = r#"
+local topic, owner, user = ARGV[1], ARGV[2], ARGV[4]
+local new = redis.call('HSET', topic .. ':m:' .. owner, user, ARGV[5]) == 1
+if new and not elsewhere(topic, owner, user) then
+  redis.call('PUBLISH', topic, added(cjson.decode(ARGV[3]), user, ARGV[5]))
+end
+return 0
+"#;
+
+/// ARGV: topic, owner, entry, user. A user's last connection on this node left.
+const LEAVE: &str = r#"
+local topic, owner, user = ARGV[1], ARGV[2], ARGV[4]
+if redis.call('HDEL', topic .. ':m:' .. owner, user) == 1 and not elsewhere(topic, owner, user) then
+  redis.call('PUBLISH', topic, removed(cjson.decode(ARGV[3]), user))
+end
+return 0
+"#;
+
+/// ARGV: topic, owner, entry, index key, count, then user and info of each local member.
+/// Replaces the node's whole share of a channel (its first subscriber, or after Redis was
+/// away), announces the differences, and returns every member.
+const SYNC: &str = r#"
+local topic, owner, entry, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
+local app_channel = cjson.decode(entry)
+local mine = topic .. ':m:' .. owner
+if count > 0 then
+  redis.call('HSET', topic .. ':subs', owner, count)
+  redis.call('SADD', ARGV[4], entry)
+else
+  redis.call('HDEL', topic .. ':subs', owner)
+  redis.call('SREM', ARGV[4], entry)
+end
+local old = {}
+for _, u in ipairs(redis.call('HKEYS', mine)) do old[u] = true end
+redis.call('DEL', mine)
+local now = {}
+for i = 6, #ARGV - 1, 2 do
+  now[ARGV[i]] = true
+  redis.call('HSET', mine, ARGV[i], ARGV[i + 1])
+  if not old[ARGV[i]] and not elsewhere(topic, owner, ARGV[i]) then
+    redis.call('PUBLISH', topic, added(app_channel, ARGV[i], ARGV[i + 1]))
+  end
+end
+for u in pairs(old) do
+  if not now[u] and not elsewhere(topic, owner, u) then
+    redis.call('PUBLISH', topic, removed(app_channel, u))
+  end
+end
+return members(topic)
+"#;
+
+/// ARGV: prefix, owner, ms until expiry, node id followed by '/'. Renews the owner, then removes
+/// the share of every owner that expired and of earlier lives of the same node id, announcing
+/// the members who left with them. Returns 1 if the owner was still registered (0: it had been
+/// removed as dead, so it must assert its state again).
+const HEARTBEAT: &str = r#"
+local prefix, owner, life, same_id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local nodes = prefix .. ':nodes'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local known = redis.call('ZSCORE', nodes, owner)
+redis.call('ZADD', nodes, now + life, owner)
+local dead = {}
+local all = redis.call('ZRANGE', nodes, 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  local n, expiry = all[i], tonumber(all[i + 1])
+  if n ~= owner and (expiry < now or string.sub(n, 1, #same_id) == same_id) then
+    dead[#dead + 1] = n
+  end
+end
+for _, d in ipairs(dead) do
+  local index = prefix .. ':node:' .. d
+  for _, entry in ipairs(redis.call('SMEMBERS', index)) do
+    local ok, app_channel = pcall(cjson.decode, entry)
+    if ok and type(app_channel) == 'table' and #app_channel == 2 then
+      local topic = prefix .. ':{' .. app_channel[1] .. ':' .. app_channel[2] .. '}'
+      redis.call('HDEL', topic .. ':subs', d)
+      local theirs = topic .. ':m:' .. d
+      local users = redis.call('HKEYS', theirs)
+      redis.call('DEL', theirs)
+      for _, u in ipairs(users) do
+        if not elsewhere(topic, d, u) then
+          redis.call('PUBLISH', topic, removed(app_channel, u))
+        end
+      end
+    end
+  end
+  redis.call('DEL', index)
+  redis.call('ZREM', nodes, d)
+end
+if known then return 1 else return 0 end
+"#;
+
+/// ARGV: topic. Returns the channel's subscription count and number of distinct users.
+const CHANNEL_STATS: &str = r#"
+local total = 0
+for _, v in ipairs(redis.call('HVALS', ARGV[1] .. ':subs')) do total = total + tonumber(v) end
+return {total, #members(ARGV[1]) / 2}
+"#;
+
+/// ARGV: topic. Returns every member as user id, info, user id, info...
+const MEMBERS: &str = r#"
+return members(ARGV[1])
+"#;
+
+/// ARGV: prefix, app id, channel-name prefix. Returns name, subscription count and user count
+/// of every channel of the app with subscribers on some node, flat.
+const CHANNELS: &str = r#"
+local prefix, app, starts = ARGV[1], ARGV[2], ARGV[3]
+local seen, out = {}, {}
+for _, n in ipairs(redis.call('ZRANGE', prefix .. ':nodes', 0, -1)) do
+  for _, entry in ipairs(redis.call('SMEMBERS', prefix .. ':node:' .. n)) do
+    local ok, ac = pcall(cjson.decode, entry)
+    if ok and type(ac) == 'table' and ac[1] == app and not seen[ac[2]]
+        and string.sub(ac[2], 1, #starts) == starts then
+      seen[ac[2]] = true
+      local topic = prefix .. ':{' .. app .. ':' .. ac[2] .. '}'
+      local total = 0
+      for _, v in ipairs(redis.call('HVALS', topic .. ':subs')) do total = total + tonumber(v) end
+      if total > 0 then
+        out[#out + 1] = ac[2]
+        out[#out + 1] = total
+        out[#out + 1] = #members(topic) / 2
+      end
+    end
+  end
+end
+return out
+"#;
+
+/// The commands and replies of the shared state, for one node instance.
+pub struct State {
+    prefix: String,
+    owner: String,
+    node_id: String,
+}
+
+/// A presence change announced on a topic.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// A user's first connection anywhere joined.
+    Added {
+        /// The app's id.
+        app_id: String,
+        /// The channel.
+        channel: String,
+        /// The user.
+        user_id: String,
+        /// The user's info, as JSON.
+        user_info: String,
+    },
+    /// A user's last connection anywhere left.
+    Removed {
+        /// The app's id.
+        app_id: String,
+        /// The channel.
+        channel: String,
+        /// The user.
+        user_id: String,
+    },
+}
+
+/// A channel's numbers across the cluster.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// Subscribed sockets on every node.
+    pub subscription_count: u32,
+    /// Distinct presence users on every node.
+    pub user_count: u32,
+}
+
+fn script(body: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(format!("{HELPERS}{body}")).arg(0);
+    cmd
+}
+
+impl State {
+    /// The state commands of node `node_id` in this life (`instance`), under `prefix`.
+    pub fn new(prefix: &str, node_id: &str, instance: u32) -> State {
+        State {
+            prefix: prefix.to_owned(),
+            owner: format!("{node_id}/{instance:08x}"),
+            node_id: node_id.to_owned(),
+        }
+    }
+
+    /// This node's name in the shared state (its id and this life's number).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// How a channel is named in a node's index.
+    fn entry(app_id: &str, channel: &str) -> String {
+        sonic_rs::to_string(&(app_id, channel)).unwrap_or_default()
+    }
+
+    fn index(&self) -> String {
+        format!("{}:node:{}", self.prefix, self.owner)
+    }
+
+    /// Sets this node's subscriber count of a channel (0 removes it). `first` adds the channel
+    /// to the node's index (the count went from 0 to 1).
+    pub fn count(
+        &self,
+        topic: &[u8],
+        app_id: &str,
+        channel: &str,
+        count: u32,
+        first: bool,
+    ) -> Vec<redis::Cmd> {
+        let mut subs = topic.to_vec();
+        subs.extend_from_slice(b":subs");
+        let entry = Self::entry(app_id, channel);
+        let mut cmds = Vec::with_capacity(2);
+        if count > 0 {
+            cmds.push(
+                redis::cmd("HSET")
+                    .arg(subs)
+                    .arg(&self.owner)
+                    .arg(count)
+                    .clone(),
+            );
+            if first {
+                cmds.push(redis::cmd("SADD").arg(self.index()).arg(entry).clone());
+            }
+        } else {
+            cmds.push(redis::cmd("HDEL").arg(subs).arg(&self.owner).clone());
+            cmds.push(redis::cmd("SREM").arg(self.index()).arg(entry).clone());
+        }
+        cmds
+    }
+
+    /// A user's first connection on this node joined a presence channel.
+    pub fn join(
+        &self,
+        topic: &[u8],
+        app_id: &str,
+        channel: &str,
+        user: &str,
+        info: &str,
+    ) -> redis::Cmd {
+        let mut cmd = script(JOIN);
+        cmd.arg(topic)
+            .arg(&self.owner)
+            .arg(Self::entry(app_id, channel));
+        cmd.arg(user).arg(info);
+        cmd
+    }
+
+    /// A user's last connection on this node left a presence channel.
+    pub fn leave(&self, topic: &[u8], app_id: &str, channel: &str, user: &str) -> redis::Cmd {
+        let mut cmd = script(LEAVE);
+        cmd.arg(topic)
+            .arg(&self.owner)
+            .arg(Self::entry(app_id, channel));
+        cmd.arg(user);
+        cmd
+    }
+
+    /// Replaces this node's share of a channel: its count and its members (user, info). The
+    /// reply is every member (`members_of`).
+    pub fn sync<'a>(
+        &self,
+        topic: &[u8],
+        app_id: &str,
+        channel: &str,
+        count: u32,
+        members: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> redis::Cmd {
+        let mut cmd = script(SYNC);
+        cmd.arg(topic)
+            .arg(&self.owner)
+            .arg(Self::entry(app_id, channel));
+        cmd.arg(self.index()).arg(count);
+        for (user, info) in members {
+            cmd.arg(user).arg(info);
+        }
+        cmd
+    }
+
+    /// Renews this node's registration for `life_ms` and removes the share of dead nodes.
+    /// The reply is 1, or 0 when this node had been taken for dead (`was_registered`).
+    pub fn heartbeat(&self, life_ms: u64) -> redis::Cmd {
+        let mut cmd = script(HEARTBEAT);
+        cmd.arg(&self.prefix).arg(&self.owner).arg(life_ms);
+        cmd.arg(format!("{}/", self.node_id));
+        cmd
+    }
+
+    /// Asks for a channel's numbers (`stats_of`).
+    pub fn channel_stats(&self, topic: &[u8]) -> redis::Cmd {
+        let mut cmd = script(CHANNEL_STATS);
+        cmd.arg(topic);
+        cmd
+    }
+
+    /// Asks for a presence channel's members (`members_of`).
+    pub fn members(&self, topic: &[u8]) -> redis::Cmd {
+        let mut cmd = script(MEMBERS);
+        cmd.arg(topic);
+        cmd
+    }
+
+    /// Asks for an app's occupied channels whose names start with `starts` (`channels_of`).
+    pub fn channels(&self, app_id: &str, starts: &str) -> redis::Cmd {
+        let mut cmd = script(CHANNELS);
+        cmd.arg(&self.prefix).arg(app_id).arg(starts);
+        cmd
+    }
+}
+
+/// The payload of a presence change, as the Lua scripts write it.
+pub fn decode_change(payload: &[u8]) -> Option<MemberChange> {
+    let json = payload.strip_prefix(STATE_MAGIC)?;
+    crate::protocol::json::check_depth(json, 4).ok()?;
+    let fields: Vec<String> = sonic_rs::from_slice(json).ok()?;
+    let mut fields = fields.into_iter();
+    let (kind, app_id, channel, user_id) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    let change = match (kind.as_str(), fields.next()) {
+        ("added", Some(user_info)) => MemberChange::Added {
+            app_id,
+            channel,
+            user_id,
+            user_info,
+        },
+        ("removed", None) => MemberChange::Removed {
+            app_id,
+            channel,
+            user_id,
+        },
+        _ => return None,
+    };
+    fields.next().is_none().then_some(change)
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn number(value: &Value) -> Option<u32> {
+    match value {
+        Value::Int(n) => u32::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// Every member (user id, info) from a `sync` or `members` reply.
+pub fn members_of(reply: &Value) -> Option<Vec<(String, String)>> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    items
+        .chunks(2)
+        .map(|pair| match pair {
+            [user, info] => Some((text(user)?, text(info)?)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A `channel_stats` reply.
+pub fn stats_of(reply: &Value) -> Option<ClusterStats> {
+    match reply {
+        Value::Array(items) => match items.as_slice() {
+            [subs, users] => Some(ClusterStats {
+                subscription_count: number(subs)?,
+                user_count: number(users)?,
+            }),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A `channels` reply: name and numbers of each channel.
+pub fn channels_of(reply: &Value) -> Option<Vec<(String, ClusterStats)>> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    items
+        .chunks(3)
+        .map(|row| match row {
+            [name, subs, users] => Some((
+                text(name)?,
+                ClusterStats {
+                    subscription_count: number(subs)?,
+                    user_count: number(users)?,
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A `heartbeat` reply: false when this node had been taken for dead.
+pub fn was_registered(reply: &Value) -> bool {
+    !matches!(reply, Value::Int(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_decode_and_anything_else_is_refused() {
+        let added = br#"SPJ["added","7","presence-a","u\/1","{\"n\":1}"]"#;
+        assert_eq!(
+            decode_change(added),
+            Some(MemberChange::Added {
+                app_id: "7".into(),
+                channel: "presence-a".into(),
+                user_id: "u/1".into(),
+                user_info: "{\"n\":1}".into(),
+            })
+        );
+        let removed = br#"SPJ["removed","7","presence-a","u"]"#;
+        assert!(matches!(
+            decode_change(removed),
+            Some(MemberChange::Removed { .. })
+        ));
+        for bad in [
+            &br#"SPJ["removed","7","presence-a"]"#[..],
+            br#"SPJ["removed","7","presence-a","u","x"]"#,
+            br#"SPJ["added","7","presence-a","u"]"#,
+            br#"SPJ["other","7","presence-a","u"]"#,
+            br#"SPJ{"a":1}"#,
+            br#"SPJ[1,2,3,4]"#,
+            b"SPJ",
+            b"SP1xxxx",
+        ] {
+            assert_eq!(decode_change(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn replies_decode_only_in_their_shape() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let members = Value::Array(vec![bulk("u1"), bulk("{}"), bulk("u2"), bulk("null")]);
+        assert_eq!(
+            members_of(&members),
+            Some(vec![
+                ("u1".into(), "{}".into()),
+                ("u2".into(), "null".into())
+            ])
+        );
+        assert_eq!(members_of(&Value::Array(vec![bulk("u1")])), None);
+        let stats = Value::Array(vec![Value::Int(3), Value::Int(2)]);
+        let expected = ClusterStats {
+            subscription_count: 3,
+            user_count: 2,
+        };
+        assert_eq!(stats_of(&stats), Some(expected));
+        assert_eq!(stats_of(&Value::Int(3)), None);
+        let rows = Value::Array(vec![bulk("a"), Value::Int(1), Value::Int(0)]);
+        assert_eq!(channels_of(&rows).map(|r| r.len()), Some(1));
+        assert!(!was_registered(&Value::Int(0)));
+        assert!(was_registered(&Value::Int(1)));
+    }
+}

@@ -1,0 +1,286 @@
+//! The cluster's shared state through a real `redis-server` of the test's own (nodes of 2
+//! shards): presence members and counts are cluster-wide on every node, a dead node's share
+//! disappears, a restarted node inherits no ghosts, and Redis restarted empty is rebuilt.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const QUIET: Duration = Duration::from_millis(300);
+const ROOM: &str = "presence-room";
+
+fn node(redis: &Redis) -> Server {
+    cluster_node(redis, "")
+}
+
+fn unsubscribe(client: &mut Client, channel: &str) {
+    client.send_json(json!({"event":"pusher:unsubscribe","data":{"channel":channel}}));
+}
+
+/// Sorted ids of a `subscription_succeeded`.
+fn ids_of(succeeded: &Value) -> Vec<String> {
+    assert_eq!(succeeded["event"], "pusher_internal:subscription_succeeded");
+    let data = data_of(succeeded);
+    let mut ids: Vec<String> = data["presence"]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(data["presence"]["count"], ids.len());
+    ids
+}
+
+/// The next presence event of a client (`member_added` or `member_removed`) as (event, user).
+fn next_member_event(client: &mut Client, wait: Duration) -> Option<(String, String)> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = client.try_recv(left)?;
+        let event = m["event"].as_str().unwrap_or_default();
+        if let Some(kind) = event.strip_prefix("pusher_internal:member_") {
+            let user = data_of(&m)["user_id"].as_str().unwrap().to_owned();
+            return Some((kind.to_owned(), user));
+        }
+    }
+}
+
+fn get_json(server: &Server, path: &str, params: &[(&str, &str)]) -> Value {
+    let (status, body) = server.api("GET", path, params, "");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn users(server: &Server, channel: &str) -> Vec<String> {
+    let body = get_json(
+        server,
+        &format!("/apps/{APP_ID}/channels/{channel}/users"),
+        &[],
+    );
+    let mut ids: Vec<String> = body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn subscription_count(server: &Server, channel: &str) -> u64 {
+    let path = format!("/apps/{APP_ID}/channels/{channel}");
+    let body = get_json(server, &path, &[("info", "subscription_count")]);
+    body["subscription_count"].as_u64().unwrap()
+}
+
+#[test]
+fn presence_has_one_member_per_user_across_nodes_with_exact_events() {
+    let redis = Redis::start();
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    let mut a = nodes[0].connect();
+    let ok = a.subscribe_presence(ROOM, "u1", json!({"name": "one"}));
+    assert_eq!(ids_of(&ok), ["u1"]);
+    let mut b = nodes[1].connect();
+    let ok = b.subscribe_presence(ROOM, "u2", json!(null));
+    assert_eq!(ids_of(&ok), ["u1", "u2"]);
+    assert_eq!(
+        data_of(&ok)["presence"]["hash"]["u1"],
+        json!({"name": "one"})
+    );
+    let added = Some(("added".to_owned(), "u2".to_owned()));
+    assert_eq!(next_member_event(&mut a, Duration::from_secs(5)), added);
+    assert!(b.try_recv(QUIET).is_none(), "no member_added for oneself");
+
+    // u1's second connection, on a third node: a member already, so no event anywhere.
+    let mut c = nodes[2].connect();
+    let ok = c.subscribe_presence(ROOM, "u1", json!({"name": "one"}));
+    assert_eq!(ids_of(&ok), ["u1", "u2"]);
+    for client in [&mut a, &mut b] {
+        assert_eq!(next_member_event(client, QUIET), None);
+    }
+    for n in &nodes {
+        assert_eq!(
+            users(n, ROOM),
+            ["u1", "u2"],
+            "the same users from every node"
+        );
+    }
+
+    // u1 leaves node A but is still on C: nothing. Then C too: member_removed, once.
+    unsubscribe(&mut a, ROOM);
+    assert_eq!(next_member_event(&mut b, QUIET), None);
+    unsubscribe(&mut c, ROOM);
+    let removed = Some(("removed".to_owned(), "u1".to_owned()));
+    assert_eq!(next_member_event(&mut b, Duration::from_secs(5)), removed);
+    assert_eq!(next_member_event(&mut b, QUIET), None);
+    eventually("u1 is gone on every node", || {
+        nodes.iter().all(|n| users(n, ROOM) == ["u2"])
+    });
+}
+
+#[test]
+fn counts_and_channel_lists_are_the_clusters_on_every_node() {
+    let redis = Redis::start();
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut news = n.connect();
+        news.subscribe("news");
+        let mut member = n.connect();
+        member.subscribe_presence("presence-x", ["u0", "u1", "u0"][i], json!(1));
+        clients.push(news);
+        clients.push(member);
+    }
+    for n in &nodes {
+        assert_eq!(subscription_count(n, "news"), 3);
+        let path = format!("/apps/{APP_ID}/channels/presence-x");
+        let info = [("info", "user_count,subscription_count")];
+        let body = get_json(n, &path, &info);
+        assert_eq!(body["occupied"], true);
+        assert_eq!(
+            (
+                body["user_count"].as_u64(),
+                body["subscription_count"].as_u64()
+            ),
+            (Some(2), Some(3))
+        );
+        let list = get_json(n, &format!("/apps/{APP_ID}/channels"), &[]);
+        assert_eq!(list, json!({"channels": {"news": {}, "presence-x": {}}}));
+        let params = [("filter_by_prefix", "presence-"), ("info", "user_count")];
+        let list = get_json(n, &format!("/apps/{APP_ID}/channels"), &params);
+        assert_eq!(list, json!({"channels": {"presence-x": {"user_count": 2}}}));
+    }
+    // One node's news subscriber leaves; every node counts 2.
+    unsubscribe(&mut clients[0], "news");
+    eventually("the count drops everywhere", || {
+        nodes.iter().all(|n| subscription_count(n, "news") == 2)
+    });
+    drop(clients);
+    eventually("every channel is vacated", || {
+        let list = get_json(&nodes[1], &format!("/apps/{APP_ID}/channels"), &[]);
+        list == json!({"channels": {}})
+    });
+}
+
+#[test]
+fn a_killed_nodes_members_and_counts_disappear_within_the_node_timeout() {
+    let redis = Redis::start();
+    let survivor = node(&redis);
+    let doomed = node(&redis);
+    let mut watcher = survivor.connect();
+    watcher.subscribe_presence(ROOM, "stays", json!(null));
+    let mut news = survivor.connect();
+    news.subscribe("news");
+    let mut victims = Vec::new();
+    for user in ["leaves", "stays"] {
+        let mut c = doomed.connect();
+        c.subscribe_presence(ROOM, user, json!(null));
+        c.subscribe("news");
+        victims.push(c);
+    }
+    let added = Some(("added".to_owned(), "leaves".to_owned()));
+    assert_eq!(
+        next_member_event(&mut watcher, Duration::from_secs(5)),
+        added
+    );
+    assert_eq!(subscription_count(&survivor, "news"), 3);
+
+    let killed = Instant::now();
+    drop(doomed); // SIGKILL
+                  // 10 s node timeout; a little over for the test's own polling.
+    let removed = next_member_event(&mut watcher, Duration::from_secs(12));
+    assert_eq!(removed, Some(("removed".to_owned(), "leaves".to_owned())));
+    let noticed = killed.elapsed();
+    assert!(
+        noticed <= Duration::from_secs(11),
+        "member_removed after {noticed:?}"
+    );
+    // The user still connected to the survivor stays, with no event.
+    assert_eq!(next_member_event(&mut watcher, QUIET), None);
+    assert_eq!(users(&survivor, ROOM), ["stays"]);
+    assert_eq!(subscription_count(&survivor, "news"), 1);
+}
+
+#[test]
+fn a_node_restarted_under_its_id_inherits_no_ghosts() {
+    let redis = Redis::start();
+    let settings = "node_id = \"fixed\"\nnode_timeout = 120\n";
+    let other = cluster_node(&redis, "node_timeout = 120\n");
+    let mut watcher = other.connect();
+    watcher.subscribe_presence(ROOM, "watcher", json!(null));
+    let first = cluster_node(&redis, settings);
+    let mut ghost = first.connect();
+    ghost.subscribe_presence(ROOM, "ghost", json!(null));
+    ghost.subscribe("news");
+    let added = Some(("added".to_owned(), "ghost".to_owned()));
+    assert_eq!(
+        next_member_event(&mut watcher, Duration::from_secs(5)),
+        added
+    );
+    // Killed with its sockets open: nothing of the leave reaches Redis.
+    unsafe { libc::kill(first.pid() as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        users(&other, ROOM),
+        ["ghost", "watcher"],
+        "a ghost until noticed"
+    );
+    let again = cluster_node(&redis, settings);
+    let removed = Some(("removed".to_owned(), "ghost".to_owned()));
+    assert_eq!(
+        next_member_event(&mut watcher, Duration::from_secs(10)),
+        removed
+    );
+    assert_eq!(users(&again, ROOM), ["watcher"]);
+    assert_eq!(subscription_count(&other, "news"), 0);
+    drop(first);
+}
+
+#[test]
+fn redis_restarted_empty_is_rebuilt_and_members_catch_up() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis), node(&redis));
+    let mut on_a = a.connect();
+    on_a.subscribe_presence(ROOM, "u1", json!(null));
+    let mut on_b = b.connect();
+    on_b.subscribe_presence(ROOM, "u2", json!(null));
+    let added = Some(("added".to_owned(), "u2".to_owned()));
+    assert_eq!(next_member_event(&mut on_a, Duration::from_secs(5)), added);
+    let mut news = b.connect();
+    news.subscribe("news");
+
+    redis.stop();
+    // While Redis is away, cluster-wide numbers cannot be given: 503, not a wrong answer.
+    let path = format!("/apps/{APP_ID}/channels/news");
+    let (status, body) = a.api("GET", &path, &[("info", "subscription_count")], "");
+    assert_eq!(status, 503, "{body}");
+    // u2 leaves and u3 joins on node B; node A cannot hear of it yet.
+    unsubscribe(&mut on_b, ROOM);
+    let mut u3 = b.connect();
+    u3.subscribe_presence(ROOM, "u3", json!(null));
+
+    let _redis = Redis::start_on(port);
+    // Node A's subscriber learns both, once each, when the state is rebuilt.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match next_member_event(&mut on_a, Duration::from_secs(10)) {
+            Some(event) => seen.push(event),
+            None => panic!("only {seen:?} within 10 s"),
+        }
+    }
+    seen.sort();
+    let expected = [
+        ("added".to_owned(), "u3".to_owned()),
+        ("removed".to_owned(), "u2".to_owned()),
+    ];
+    assert_eq!(seen, expected);
+    assert_eq!(next_member_event(&mut on_a, QUIET), None);
+    eventually("the state is rebuilt", || {
+        let (status, _) = a.api("GET", &path, &[("info", "subscription_count")], "");
+        status == 200 && subscription_count(&a, "news") == 1 && users(&a, ROOM) == ["u1", "u3"]
+    });
+}
