@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 const QUIET: Duration = Duration::from_millis(300);
 
 fn node(redis: &Redis) -> Server {
-    cluster_node(redis, "")
+    cluster_node(redis, "", "")
 }
 
 fn node_with(redis: &Redis, cluster_extra: &str) -> Server {
-    cluster_node(redis, cluster_extra)
+    cluster_node(redis, cluster_extra, "")
 }
 
 fn trigger_with(server: &Server, channel: &str, event: &str, socket_id: &str) -> u16 {

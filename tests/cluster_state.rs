@@ -12,7 +12,7 @@ const QUIET: Duration = Duration::from_millis(300);
 const ROOM: &str = "presence-room";
 
 fn node(redis: &Redis) -> Server {
-    cluster_node(redis, "")
+    cluster_node(redis, "", "")
 }
 
 fn unsubscribe(client: &mut Client, channel: &str) {
@@ -208,10 +208,10 @@ fn a_killed_nodes_members_and_counts_disappear_within_the_node_timeout() {
 fn a_node_restarted_under_its_id_inherits_no_ghosts() {
     let redis = Redis::start();
     let settings = "node_id = \"fixed\"\nnode_timeout = 120\n";
-    let other = cluster_node(&redis, "node_timeout = 120\n");
+    let other = cluster_node(&redis, "node_timeout = 120\n", "");
     let mut watcher = other.connect();
     watcher.subscribe_presence(ROOM, "watcher", json!(null));
-    let first = cluster_node(&redis, settings);
+    let first = cluster_node(&redis, settings, "");
     let mut ghost = first.connect();
     ghost.subscribe_presence(ROOM, "ghost", json!(null));
     ghost.subscribe("news");
@@ -228,7 +228,7 @@ fn a_node_restarted_under_its_id_inherits_no_ghosts() {
         ["ghost", "watcher"],
         "a ghost until noticed"
     );
-    let again = cluster_node(&redis, settings);
+    let again = cluster_node(&redis, settings, "");
     let removed = Some(("removed".to_owned(), "ghost".to_owned()));
     assert_eq!(
         next_member_event(&mut watcher, Duration::from_secs(10)),
@@ -283,4 +283,50 @@ fn redis_restarted_empty_is_rebuilt_and_members_catch_up() {
         let (status, _) = a.api("GET", &path, &[("info", "subscription_count")], "");
         status == 200 && subscription_count(&a, "news") == 1 && users(&a, ROOM) == ["u1", "u3"]
     });
+}
+
+/// The next `subscription_count` a client gets.
+fn next_count(client: &mut Client, wait: Duration) -> Option<u64> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = client.try_recv(left)?;
+        if m["event"] == "pusher_internal:subscription_count" {
+            return data_of(&m)["subscription_count"].as_u64();
+        }
+    }
+}
+
+#[test]
+fn subscription_count_events_count_every_node_and_drop_a_dead_ones_share() {
+    let redis = Redis::start();
+    let counted = "enable_subscription_count = true";
+    let a = cluster_node(&redis, "", counted);
+    let b = cluster_node(&redis, "", counted);
+    let mut on_a = a.connect();
+    on_a.subscribe("counted");
+    assert_eq!(next_count(&mut on_a, Duration::from_secs(5)), Some(1));
+    let mut on_b = b.connect();
+    assert_eq!(
+        on_b.subscribe("counted")["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    assert_eq!(
+        next_count(&mut on_b, Duration::from_secs(5)),
+        Some(2),
+        "counts node A too"
+    );
+    assert_eq!(
+        next_count(&mut on_a, Duration::from_secs(5)),
+        Some(2),
+        "hears node B's"
+    );
+    let mut also_on_b = b.connect();
+    also_on_b.subscribe("counted");
+    assert_eq!(next_count(&mut on_a, Duration::from_secs(5)), Some(3));
+    unsubscribe(&mut on_b, "counted");
+    assert_eq!(next_count(&mut on_a, Duration::from_secs(5)), Some(2));
+    drop(b); // SIGKILL: node A learns from the dead node's removal
+    assert_eq!(next_count(&mut on_a, Duration::from_secs(12)), Some(1));
+    assert_eq!(next_count(&mut on_a, QUIET), None);
 }

@@ -1,7 +1,8 @@
 //! What arrives from Redis, on arbitrary bytes: the RESP3 stream of a shard's link
-//! (`cluster::link::RespReader`, fed in pieces cut where byte 0 says), the message format of
-//! `cluster::decode`, and `ws::is_complete_text_frame`, which stands between another node's
-//! frame and the sockets here.
+//! (`cluster::link::RespReader`, fed in pieces cut where byte 0 says), each value read as every
+//! kind of reply the shared state expects (`cluster::state`), the message formats of
+//! `cluster::decode` and `state::decode_change`, and `ws::is_complete_text_frame`, which
+//! stands between another node's frame and the sockets here.
 //!
 //! Checked: no panic; the stream parses to the same values however it is cut; a decoded
 //! message's fields lie inside the input; a frame the server itself encodes is accepted and
@@ -9,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardpush::cluster::{decode, link::RespReader};
+use shardpush::cluster::{decode, link::RespReader, state};
 use shardpush::protocol::ws;
 
 fn values(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
@@ -17,6 +18,11 @@ fn values(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for piece in pieces {
         reader.feed(piece, &mut |v| {
+            let _ = state::snapshot_of(&v);
+            let _ = state::members_of(&v);
+            let _ = state::stats_of(&v);
+            let _ = state::channels_of(&v);
+            let _ = state::was_registered(&v);
             out.push(format!("{v:?}"));
             Ok(())
         })?;
@@ -37,6 +43,9 @@ fuzz_target!(|input: &[u8]| {
     if let Some(message) = decode(data) {
         assert!(message.frame.len() <= data.len());
         let _ = ws::is_complete_text_frame(message.frame);
+    }
+    if let Some(changed) = state::decode_change(data) {
+        assert!(changed.app_id.len() + changed.channel.len() <= data.len());
     }
     let _ = ws::is_complete_text_frame(data);
     if let Ok(text) = std::str::from_utf8(data) {

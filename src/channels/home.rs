@@ -29,6 +29,9 @@ pub struct HomeChannel {
     /// the local members. None: the local members are all there is (a single node, or Redis
     /// not heard yet).
     pub roster: Option<AHashMap<String, String>>,
+    /// In a cluster, for `subscription_count` events: the other nodes' subscriber counts, once
+    /// Redis has told them (None: not yet, or not needed).
+    pub remote_counts: Option<AHashMap<String, u32>>,
     /// When `pusher_internal:subscription_count` last went out, and whether a change since then
     /// is waiting for the throttle (busy channels get it at most every few seconds).
     pub count_sent: Option<std::time::Instant>,
@@ -52,9 +55,17 @@ impl HomeChannel {
             total: 0,
             members: None,
             roster: None,
+            remote_counts: None,
             count_sent: None,
             count_pending: false,
         }
+    }
+
+    /// Subscribed sockets on this node and, where known, on the other nodes.
+    pub fn cluster_total(&self) -> u32 {
+        let remote = self.remote_counts.as_ref();
+        let others = remote.map_or(0, |counts| counts.values().copied().sum::<u32>());
+        self.total.saturating_add(others)
     }
 
     /// Distinct users in a presence channel (0 for other channels).

@@ -12,8 +12,10 @@
 //! Presence changes are decided in Redis, atomically (Lua), and announced on the channel's topic
 //! as `SPJ` and a JSON array: `["added", app, channel, user, info]` when a user's first
 //! connection anywhere joins, `["removed", app, channel, user]` when their last one leaves.
-//! Every node applies them idempotently; a node that (re)joins a channel gets the full member
-//! list in the same Redis step as its own registration, so nothing falls between the two.
+//! For apps with `subscription_count` events, a node announces its own count of a channel as
+//! `["count", app, channel, owner, "n"]`. Every node applies these idempotently; a node that
+//! (re)joins a channel gets the full member list and every node's count in the same Redis step
+//! as its own registration (`sync`), so nothing falls between the two.
 
 use redis::Value;
 
@@ -51,6 +53,9 @@ end
 local function added(app_channel, user, info)
   return 'SPJ' .. cjson.encode({'added', app_channel[1], app_channel[2], user, info})
 end
+local function counted(app_channel, owner, n)
+  return 'SPJ' .. cjson.encode({'count', app_channel[1], app_channel[2], owner, tostring(n)})
+end
 "#;
 
 /// ARGV: topic, owner, entry, user, info. A user's first connection on this node.
@@ -72,9 +77,10 @@ end
 return 0
 "#;
 
-/// ARGV: topic, owner, entry, index key, count, then user and info of each local member.
-/// Replaces the node's whole share of a channel (its first subscriber, or after Redis was
-/// away), announces the differences, and returns every member.
+/// ARGV: topic, owner, entry, index key, count, announce count ("1"/"0"), then user and info of
+/// each local member. Replaces the node's whole share of a channel (its first subscriber, or
+/// after Redis was away), announces the differences, and returns every member and every node's
+/// count.
 const SYNC: &str = r#"
 local topic, owner, entry, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
 local app_channel = cjson.decode(entry)
@@ -89,8 +95,11 @@ end
 local old = {}
 for _, u in ipairs(redis.call('HKEYS', mine)) do old[u] = true end
 redis.call('DEL', mine)
+if ARGV[6] == '1' then
+  redis.call('PUBLISH', topic, counted(app_channel, owner, count))
+end
 local now = {}
-for i = 6, #ARGV - 1, 2 do
+for i = 7, #ARGV - 1, 2 do
   now[ARGV[i]] = true
   redis.call('HSET', mine, ARGV[i], ARGV[i + 1])
   if not old[ARGV[i]] and not elsewhere(topic, owner, ARGV[i]) then
@@ -102,7 +111,7 @@ for u in pairs(old) do
     redis.call('PUBLISH', topic, removed(app_channel, u))
   end
 end
-return members(topic)
+return {members(topic), redis.call('HGETALL', topic .. ':subs')}
 "#;
 
 /// ARGV: prefix, owner, ms until expiry, node id followed by '/'. Renews the owner, then removes
@@ -130,7 +139,9 @@ for _, d in ipairs(dead) do
     local ok, app_channel = pcall(cjson.decode, entry)
     if ok and type(app_channel) == 'table' and #app_channel == 2 then
       local topic = prefix .. ':{' .. app_channel[1] .. ':' .. app_channel[2] .. '}'
-      redis.call('HDEL', topic .. ':subs', d)
+      if redis.call('HDEL', topic .. ':subs', d) == 1 then
+        redis.call('PUBLISH', topic, counted(app_channel, d, 0))
+      end
       local theirs = topic .. ':m:' .. d
       local users = redis.call('HKEYS', theirs)
       redis.call('DEL', theirs)
@@ -191,15 +202,22 @@ pub struct State {
     node_id: String,
 }
 
-/// A presence change announced on a topic.
+/// A change of a channel's shared state, announced on its topic.
 #[derive(Debug, PartialEq, Eq)]
-pub enum MemberChange {
+pub struct StateChange {
+    /// The app's id.
+    pub app_id: String,
+    /// The channel.
+    pub channel: String,
+    /// What changed.
+    pub change: Change,
+}
+
+/// What changed in a channel's shared state.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
     /// A user's first connection anywhere joined.
     Added {
-        /// The app's id.
-        app_id: String,
-        /// The channel.
-        channel: String,
         /// The user.
         user_id: String,
         /// The user's info, as JSON.
@@ -207,13 +225,25 @@ pub enum MemberChange {
     },
     /// A user's last connection anywhere left.
     Removed {
-        /// The app's id.
-        app_id: String,
-        /// The channel.
-        channel: String,
         /// The user.
         user_id: String,
     },
+    /// A node's subscriber count of the channel (0: none, or the node died).
+    Count {
+        /// The node (owner) whose count it is.
+        owner: String,
+        /// Its subscribed sockets.
+        count: u32,
+    },
+}
+
+/// What a `sync` reply holds: every member, and every node's count.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every member (user id, info).
+    pub members: Vec<(String, String)>,
+    /// Each node's (owner's) subscriber count.
+    pub counts: Vec<(String, u32)>,
 }
 
 /// A channel's numbers across the cluster.
@@ -314,21 +344,20 @@ impl State {
         cmd
     }
 
-    /// Replaces this node's share of a channel: its count and its members (user, info). The
-    /// reply is every member (`members_of`).
+    /// Replaces this node's share of a channel: its count (announced too with `announce_count`)
+    /// and its members (user, info). The reply is a `Snapshot` (`snapshot_of`).
     pub fn sync<'a>(
         &self,
         topic: &[u8],
-        app_id: &str,
-        channel: &str,
+        (app_id, channel): (&str, &str),
         count: u32,
+        announce_count: bool,
         members: impl Iterator<Item = (&'a str, &'a str)>,
     ) -> redis::Cmd {
         let mut cmd = script(SYNC);
-        cmd.arg(topic)
-            .arg(&self.owner)
-            .arg(Self::entry(app_id, channel));
-        cmd.arg(self.index()).arg(count);
+        cmd.arg(topic).arg(&self.owner);
+        cmd.arg(Self::entry(app_id, channel)).arg(self.index());
+        cmd.arg(count).arg(if announce_count { "1" } else { "0" });
         for (user, info) in members {
             cmd.arg(user).arg(info);
         }
@@ -341,6 +370,23 @@ impl State {
         let mut cmd = script(HEARTBEAT);
         cmd.arg(&self.prefix).arg(&self.owner).arg(life_ms);
         cmd.arg(format!("{}/", self.node_id));
+        cmd
+    }
+
+    /// Announces this node's count of a channel to the nodes that serve it (for
+    /// `subscription_count` events).
+    pub fn announce_count(
+        &self,
+        topic: &[u8],
+        app_id: &str,
+        channel: &str,
+        count: u32,
+    ) -> redis::Cmd {
+        let change = ("count", app_id, channel, &self.owner, count.to_string());
+        let mut payload = STATE_MAGIC.to_vec();
+        payload.extend_from_slice(sonic_rs::to_string(&change).unwrap_or_default().as_bytes());
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(topic).arg(payload);
         cmd
     }
 
@@ -366,31 +412,34 @@ impl State {
     }
 }
 
-/// The payload of a presence change, as the Lua scripts write it.
-pub fn decode_change(payload: &[u8]) -> Option<MemberChange> {
+/// The payload of a state change, as the Lua scripts (and `announce_count`) write it.
+pub fn decode_change(payload: &[u8]) -> Option<StateChange> {
     let json = payload.strip_prefix(STATE_MAGIC)?;
     crate::protocol::json::check_depth(json, 4).ok()?;
     let fields: Vec<String> = sonic_rs::from_slice(json).ok()?;
     let mut fields = fields.into_iter();
-    let (kind, app_id, channel, user_id) = (
+    let (kind, app_id, channel, subject) = (
         fields.next()?,
         fields.next()?,
         fields.next()?,
         fields.next()?,
     );
     let change = match (kind.as_str(), fields.next()) {
-        ("added", Some(user_info)) => MemberChange::Added {
-            app_id,
-            channel,
-            user_id,
+        ("added", Some(user_info)) => Change::Added {
+            user_id: subject,
             user_info,
         },
-        ("removed", None) => MemberChange::Removed {
-            app_id,
-            channel,
-            user_id,
+        ("removed", None) => Change::Removed { user_id: subject },
+        ("count", Some(count)) => Change::Count {
+            owner: subject,
+            count: count.parse().ok()?,
         },
         _ => return None,
+    };
+    let change = StateChange {
+        app_id,
+        channel,
+        change,
     };
     fields.next().is_none().then_some(change)
 }
@@ -422,6 +471,30 @@ pub fn members_of(reply: &Value) -> Option<Vec<(String, String)>> {
             _ => None,
         })
         .collect()
+}
+
+/// A `sync` reply.
+pub fn snapshot_of(reply: &Value) -> Option<Snapshot> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let [members, counts] = parts.as_slice() else {
+        return None;
+    };
+    let Value::Array(counts) = counts else {
+        return None;
+    };
+    let counts = counts
+        .chunks(2)
+        .map(|pair| match pair {
+            [owner, count] => Some((text(owner)?, text(count)?.parse().ok()?)),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    Some(Snapshot {
+        members: members_of(members)?,
+        counts,
+    })
 }
 
 /// A `channel_stats` reply.
@@ -472,23 +545,32 @@ mod tests {
         let added = br#"SPJ["added","7","presence-a","u\/1","{\"n\":1}"]"#;
         assert_eq!(
             decode_change(added),
-            Some(MemberChange::Added {
+            Some(StateChange {
                 app_id: "7".into(),
                 channel: "presence-a".into(),
-                user_id: "u/1".into(),
-                user_info: "{\"n\":1}".into(),
+                change: Change::Added {
+                    user_id: "u/1".into(),
+                    user_info: "{\"n\":1}".into(),
+                },
             })
         );
         let removed = br#"SPJ["removed","7","presence-a","u"]"#;
-        assert!(matches!(
-            decode_change(removed),
-            Some(MemberChange::Removed { .. })
-        ));
+        let change = decode_change(removed).map(|c| c.change);
+        assert!(matches!(change, Some(Change::Removed { .. })));
+        let count = br#"SPJ["count","7","news","n/1","12"]"#;
+        let change = decode_change(count).map(|c| c.change);
+        let expected = Change::Count {
+            owner: "n/1".into(),
+            count: 12,
+        };
+        assert_eq!(change, Some(expected));
         for bad in [
             &br#"SPJ["removed","7","presence-a"]"#[..],
             br#"SPJ["removed","7","presence-a","u","x"]"#,
             br#"SPJ["added","7","presence-a","u"]"#,
             br#"SPJ["other","7","presence-a","u"]"#,
+            br#"SPJ["count","7","news","n/1","-1"]"#,
+            br#"SPJ["count","7","news","n/1"]"#,
             br#"SPJ{"a":1}"#,
             br#"SPJ[1,2,3,4]"#,
             b"SPJ",
@@ -510,6 +592,12 @@ mod tests {
             ])
         );
         assert_eq!(members_of(&Value::Array(vec![bulk("u1")])), None);
+        let counts = Value::Array(vec![bulk("n/1"), bulk("4")]);
+        let snapshot = snapshot_of(&Value::Array(vec![members, counts])).unwrap();
+        assert_eq!(snapshot.counts, vec![("n/1".to_owned(), 4)]);
+        assert_eq!(snapshot.members.len(), 2);
+        let bad_count = Value::Array(vec![Value::Array(vec![]), Value::Array(vec![bulk("n")])]);
+        assert_eq!(snapshot_of(&bad_count), None);
         let stats = Value::Array(vec![Value::Int(3), Value::Int(2)]);
         let expected = ClusterStats {
             subscription_count: 3,

@@ -285,16 +285,21 @@ impl Shard {
         match ChannelKind::of(&key.name) {
             ChannelKind::ServerToUser if joined && total == 1 => self.user_status(key, true),
             ChannelKind::ServerToUser if !joined && total == 0 => self.user_status(key, false),
-            ChannelKind::ServerToUser | ChannelKind::Presence => {}
-            _ if self.node.app(key.app).enable_subscription_count => {
-                self.send_subscription_count(key, Instant::now())
-            }
+            _ if self.counts_announced(key) => self.send_subscription_count(key, Instant::now()),
             _ => {}
         }
     }
 
+    /// The channel's subscribers get `pusher_internal:subscription_count` (apps that enable
+    /// it; never presence channels, which have member events, nor signed-in users).
+    pub(super) fn counts_announced(&self, key: &ChannelKey) -> bool {
+        let kind = ChannelKind::of(&key.name);
+        self.node.app(key.app).enable_subscription_count
+            && !matches!(kind, ChannelKind::ServerToUser | ChannelKind::Presence)
+    }
+
     /// Sends the current count to every subscriber, or marks it pending while throttled.
-    fn send_subscription_count(&self, key: &ChannelKey, now: Instant) {
+    pub(super) fn send_subscription_count(&self, key: &ChannelKey, now: Instant) {
         let (targets, count) = {
             let mut channels = self.home.channels.borrow_mut();
             let Some(channel) = channels.get_mut(key) else {
@@ -303,7 +308,8 @@ impl Shard {
             let recent = channel
                 .count_sent
                 .is_some_and(|t| now.duration_since(t) < COUNT_INTERVAL);
-            if channel.total > COUNT_THROTTLE_ABOVE && recent {
+            let count = channel.cluster_total();
+            if count > COUNT_THROTTLE_ABOVE && recent {
                 if !channel.count_pending {
                     channel.count_pending = true;
                     self.home.pending_counts.borrow_mut().push(key.clone());
@@ -312,7 +318,7 @@ impl Shard {
             }
             channel.count_sent = Some(now);
             channel.count_pending = false;
-            (channel.shards().collect::<Vec<_>>(), channel.total)
+            (channel.shards().collect::<Vec<_>>(), count)
         };
         let frame = events::subscription_count(&key.name, count);
         self.broadcast(&targets, key, Arc::from(frame), None);

@@ -10,14 +10,14 @@ use super::messages::ShardMsg;
 use super::Shard;
 use crate::channels::ChannelKey;
 use crate::cluster::link::LinkEvent;
-use crate::cluster::state::{self, MemberChange};
+use crate::cluster::state::{self, Change, Snapshot};
 use crate::cluster::Cluster;
 use crate::protocol::channel::ChannelKind;
 use crate::protocol::events::PresenceMember;
 use crate::protocol::ws;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The token of the heartbeat's reply (sync tokens come from `new_id`, which never makes it).
 const HEARTBEAT: u64 = u64::MAX;
@@ -59,6 +59,12 @@ impl Shard {
         {
             sent &= cluster.link.command(&cmd);
         }
+        if self.counts_announced(key) {
+            let announce = cluster
+                .state
+                .announce_count(&topic, app_id, &key.name, total);
+            sent &= cluster.link.command(&announce);
+        }
         if let Some(m) = new_member.filter(|_| cluster.link.is_up()) {
             let join = cluster
                 .state
@@ -82,6 +88,12 @@ impl Shard {
         let mut sent = true;
         for cmd in cluster.state.count(&topic, app_id, &key.name, total, false) {
             sent &= cluster.link.command(&cmd);
+        }
+        if self.counts_announced(key) {
+            let announce = cluster
+                .state
+                .announce_count(&topic, app_id, &key.name, total);
+            sent &= cluster.link.command(&announce);
         }
         let mut decided = false;
         if let Some(user_id) = left.filter(|_| cluster.link.is_up()) {
@@ -128,8 +140,8 @@ impl Shard {
         if !cluster.link.is_up() {
             return Some(announcement);
         }
-        let needs_roster = self.needs_roster(key);
-        if needs_roster {
+        let needs_snapshot = self.needs_snapshot(key);
+        if needs_snapshot {
             self.sync_channel(cluster, key);
         } else if !cluster.link.is_subscribing(&topic) {
             return Some(announcement);
@@ -138,16 +150,19 @@ impl Shard {
         None
     }
 
-    /// A presence channel whose members this node has not had from Redis yet.
-    fn needs_roster(&self, key: &ChannelKey) -> bool {
-        ChannelKind::of(&key.name) == ChannelKind::Presence && {
-            let channels = self.home.channels.borrow();
-            channels.get(key).is_some_and(|c| c.roster.is_none())
-        }
+    /// The node needs the cluster's view of the channel before it can confirm a join: the
+    /// members of a presence channel, or the other nodes' counts for `subscription_count`.
+    fn needs_snapshot(&self, key: &ChannelKey) -> bool {
+        let presence = ChannelKind::of(&key.name) == ChannelKind::Presence;
+        let counts = self.counts_announced(key);
+        let channels = self.home.channels.borrow();
+        channels.get(key).is_some_and(|c| {
+            (presence && c.roster.is_none()) || (counts && c.remote_counts.is_none())
+        })
     }
 
-    /// Replaces the node's share of a channel in Redis; a presence channel's reply is its
-    /// members, which become the roster (`on_roster`).
+    /// Replaces the node's share of a channel in Redis. Where the node needs the cluster's view
+    /// of the channel (presence, `subscription_count`), the reply is a snapshot (`on_snapshot`).
     fn sync_channel(&self, cluster: &Cluster, key: &ChannelKey) {
         let channels = self.home.channels.borrow();
         let Some(channel) = channels.get(key) else {
@@ -155,11 +170,13 @@ impl Shard {
         };
         let app_id = &self.node.app(key.app).id;
         let topic = self.topic_of(cluster, key);
+        let counts = self.counts_announced(key);
         let members = channel.local_members();
+        let name = (app_id.as_str(), &*key.name);
         let sync = cluster
             .state
-            .sync(&topic, app_id, &key.name, channel.total, members);
-        let sent = if channel.members.is_some() {
+            .sync(&topic, name, channel.total, counts, members);
+        let sent = if channel.members.is_some() || counts {
             let token = self.new_id();
             self.syncs.borrow_mut().insert(token, key.clone());
             cluster.link.command_then_event(&sync, token)
@@ -248,7 +265,7 @@ impl Shard {
         match event {
             LinkEvent::Message { topic, payload } => {
                 if payload.starts_with(state::STATE_MAGIC) {
-                    self.on_member_change(&topic, &payload);
+                    self.on_state_change(&topic, &payload);
                 } else {
                     self.deliver_remote(&topic, &payload);
                 }
@@ -285,7 +302,7 @@ impl Shard {
             let Some(held) = awaiting.get(topic) else {
                 return;
             };
-            let waits_for_roster = held.first().is_some_and(|a| self.needs_roster(&a.key));
+            let waits_for_roster = held.first().is_some_and(|a| self.needs_snapshot(&a.key));
             if waits_for_roster && !with_roster {
                 return;
             }
@@ -313,68 +330,88 @@ impl Shard {
             return;
         };
         // An error reply leaves the channel on the local rule until the next assertion.
-        let Some(members) = state::members_of(value) else {
+        let Some(snapshot) = state::snapshot_of(value) else {
             self.cluster_state_stale.set(true);
             return self.release_held(&self.topic_of(cluster, &key), true);
         };
-        self.on_roster(&key, members);
+        self.on_snapshot(cluster, &key, snapshot);
         self.release_held(&self.topic_of(cluster, &key), true);
     }
 
-    /// Redis's member list for a channel, taken in the same step as the node's own share: it
-    /// becomes the roster, and subscribers hear what changed.
-    fn on_roster(&self, key: &ChannelKey, members: Vec<(String, String)>) {
+    /// Redis's view of a channel, taken in the same step as the node's own share: the members
+    /// become the roster and the other nodes' counts are kept, and subscribers hear what
+    /// changed.
+    fn on_snapshot(&self, cluster: &Cluster, key: &ChannelKey, snapshot: Snapshot) {
+        let presence = ChannelKind::of(&key.name) == ChannelKind::Presence;
+        let counts = self.counts_announced(key);
         let (added, removed) = {
             let mut channels = self.home.channels.borrow_mut();
             let Some(channel) = channels.get_mut(key) else {
                 return;
             };
-            channel.set_roster(members)
+            if counts {
+                let own = cluster.node_id();
+                let others = snapshot.counts.into_iter().filter(|(o, _)| o != own);
+                channel.remote_counts = Some(others.collect());
+            }
+            match presence {
+                true => channel.set_roster(snapshot.members),
+                false => Default::default(),
+            }
         };
         self.tell_members(key, &added, &removed);
+        if counts {
+            self.send_subscription_count(key, Instant::now());
+        }
     }
 
-    /// A presence change another node (or this one) made in Redis.
-    fn on_member_change(&self, topic: &[u8], payload: &[u8]) {
+    /// A change another node (or this one) made to a channel's shared state.
+    fn on_state_change(&self, topic: &[u8], payload: &[u8]) {
         let Some(cluster) = &self.cluster else {
             return;
         };
-        let Some(change) = state::decode_change(payload) else {
-            return self.skip_foreign("a presence change that is not shardpush's");
+        let Some(changed) = state::decode_change(payload) else {
+            return self.skip_foreign("a state change that is not shardpush's");
         };
-        let (app_id, channel) = match &change {
-            MemberChange::Added {
-                app_id, channel, ..
-            }
-            | MemberChange::Removed {
-                app_id, channel, ..
-            } => (app_id, channel),
+        let Some(app) = self.node.app_by_id(&changed.app_id) else {
+            return self.skip_foreign("a state change for an app this node does not serve");
         };
-        let Some(app) = self.node.app_by_id(app_id) else {
-            return self.skip_foreign("a presence change for an app this node does not serve");
-        };
-        if cluster.topic(app_id, channel) != topic {
-            return self.skip_foreign("a presence change naming another channel than its topic");
+        if cluster.topic(&changed.app_id, &changed.channel) != topic {
+            return self.skip_foreign("a state change naming another channel than its topic");
         }
-        let key = ChannelKey::new(app, channel);
+        let key = ChannelKey::new(app, &changed.channel);
         let mut channels = self.home.channels.borrow_mut();
-        // Without a roster the change is in the member list that will make it.
-        let Some(home) = channels.get_mut(&key).filter(|c| c.roster.is_some()) else {
+        let Some(home) = channels.get_mut(&key) else {
             return;
         };
-        match change {
-            MemberChange::Added {
-                user_id, user_info, ..
-            } => {
-                if home.add_to_view(&user_id, &user_info, false) {
+        match changed.change {
+            // Without a roster the change is in the member list that will make it.
+            Change::Added { user_id, user_info } => {
+                if home.roster.is_some() && home.add_to_view(&user_id, &user_info, false) {
                     drop(channels);
                     self.tell_members(&key, &[(user_id, user_info)], &[]);
                 }
             }
-            MemberChange::Removed { user_id, .. } => {
+            Change::Removed { user_id } => {
                 if home.remove_from_view(&user_id) {
                     drop(channels);
                     self.tell_members(&key, &[], &[user_id]);
+                }
+            }
+            Change::Count { owner, count } => {
+                let Some(counts) = home.remote_counts.as_mut() else {
+                    return;
+                };
+                if owner == cluster.node_id() {
+                    return;
+                }
+                let changed = match count {
+                    0 => counts.remove(&owner).is_some(),
+                    n => counts.insert(owner, n) != Some(n),
+                };
+                drop(channels);
+                if changed && self.counts_announced(&key) {
+                    self.send_subscription_count(&key, Instant::now());
                 }
             }
         }

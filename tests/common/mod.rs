@@ -447,15 +447,16 @@ pub fn data_of(m: &serde_json::Value) -> serde_json::Value {
         .expect("data string holds JSON")
 }
 
-/// A node of a cluster on `redis` (prefix `t`), with more `[cluster]` keys in `cluster_extra`.
-pub fn cluster_node(redis: &Redis, cluster_extra: &str) -> Server {
+/// A node of a cluster on `redis` (prefix `t`), with more `[cluster]` keys in `cluster_extra`
+/// and more keys of the test app in `app_extra`.
+pub fn cluster_node(redis: &Redis, cluster_extra: &str, app_extra: &str) -> Server {
     let top = format!(
         "[cluster]\nredis_url = \"{}\"\nprefix = \"t\"\n{cluster_extra}",
         redis.url()
     );
     // `[cluster]` must follow the top-level keys and precede the apps.
     Server::with_config(
-        &config_toml("", "", "").replace("\n[[apps]]", &format!("\n{top}\n[[apps]]")),
+        &config_toml("", app_extra, "").replace("\n[[apps]]", &format!("\n{top}\n[[apps]]")),
     )
 }
 
