@@ -209,3 +209,22 @@ fn send_to_user_reaches_their_connections_on_every_node_once() {
         assert!(client.try_recv(QUIET).is_none(), "exactly once");
     }
 }
+
+#[test]
+fn terminate_connections_on_any_node_closes_the_user_everywhere() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis), node(&redis), node(&redis));
+    let (mut on_a, mut on_b, mut other) = (a.connect(), b.connect(), b.connect());
+    let ann = json!({"id": "ann"}).to_string();
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.signin(&ann)["event"], "pusher:signin_success");
+    }
+    let bob = json!({"id": "bob"}).to_string();
+    assert_eq!(other.signin(&bob)["event"], "pusher:signin_success");
+    let path = format!("/apps/{APP_ID}/users/ann/terminate_connections");
+    assert_eq!(c.api("POST", &path, &[], "{}").0, 200);
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.expect_close(), Some(4009));
+    }
+    assert!(other.try_recv(QUIET).is_none(), "another user stays");
+}

@@ -228,6 +228,11 @@ pub enum Change {
         /// The user.
         user_id: String,
     },
+    /// `terminate_connections` of the user whose channel it is, asked on node `owner`.
+    Terminate {
+        /// The node that closed its own connections already.
+        owner: String,
+    },
     /// A node's subscriber count of the channel (0: none, or the node died).
     Count {
         /// The node (owner) whose count it is.
@@ -382,12 +387,22 @@ impl State {
         channel: &str,
         count: u32,
     ) -> redis::Cmd {
-        let change = ("count", app_id, channel, &self.owner, count.to_string());
+        let count = count.to_string();
+        self.change(topic, ("count", app_id, channel, &self.owner, count.as_str()))
+    }
+
+    /// Publishes a change written by this node (the Lua scripts write theirs themselves).
+    fn change(&self, topic: &[u8], fields: impl serde::Serialize) -> redis::Cmd {
         let mut payload = STATE_MAGIC.to_vec();
-        payload.extend_from_slice(sonic_rs::to_string(&change).unwrap_or_default().as_bytes());
+        payload.extend_from_slice(sonic_rs::to_string(&fields).unwrap_or_default().as_bytes());
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(topic).arg(payload);
         cmd
+    }
+
+    /// Asks every node to close the connections of a user (their channel `channel`).
+    pub fn terminate(&self, topic: &[u8], app_id: &str, channel: &str) -> redis::Cmd {
+        self.change(topic, ("terminate", app_id, channel, &self.owner))
     }
 
     /// Asks for a channel's numbers (`stats_of`).
@@ -430,6 +445,7 @@ pub fn decode_change(payload: &[u8]) -> Option<StateChange> {
             user_info,
         },
         ("removed", None) => Change::Removed { user_id: subject },
+        ("terminate", None) => Change::Terminate { owner: subject },
         ("count", Some(count)) => Change::Count {
             owner: subject,
             count: count.parse().ok()?,
@@ -564,6 +580,9 @@ mod tests {
             count: 12,
         };
         assert_eq!(change, Some(expected));
+        let terminate = br##"SPJ["terminate","7","#server-to-user-u","n/1"]"##;
+        let change = decode_change(terminate).map(|c| c.change);
+        assert!(matches!(change, Some(Change::Terminate { .. })));
         for bad in [
             &br#"SPJ["removed","7","presence-a"]"#[..],
             br#"SPJ["removed","7","presence-a","u","x"]"#,

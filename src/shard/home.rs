@@ -378,6 +378,12 @@ impl Shard {
 
     /// Closes the connections of a user homed here, on every shard that has some.
     pub(super) fn home_terminate(&self, key: ChannelKey) {
+        self.terminate_in_cluster(&key);
+        self.terminate_on_node(key);
+    }
+
+    /// Closes the connections of a user homed here on this node's shards.
+    pub(super) fn terminate_on_node(&self, key: ChannelKey) {
         for shard in self.subscriber_shards(&key) {
             let msg = ShardMsg::CloseUser { key: key.clone() };
             self.route(shard, msg);

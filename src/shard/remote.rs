@@ -118,6 +118,19 @@ impl Shard {
         }
     }
 
+    /// `terminate_connections` on this node: the others close the user's connections too.
+    pub(super) fn terminate_in_cluster(&self, key: &ChannelKey) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let app_id = &self.node.app(key.app).id;
+        let topic = self.topic_of(cluster, key);
+        let terminate = cluster.state.terminate(&topic, app_id, &key.name);
+        if !cluster.link.command(&terminate) {
+            crate::log_warn!("Redis is away: the user's connections on other nodes stay open");
+        }
+    }
+
     /// Keeps a join's announcement until the node is ready to confirm it in the cluster, and
     /// returns it when it can go out now. Ready means Redis has the node's subscription to the
     /// channel (so whatever is published anywhere afterwards reaches the joiner), and for a
@@ -396,6 +409,12 @@ impl Shard {
                 if home.remove_from_view(&user_id) {
                     drop(channels);
                     self.tell_members(&key, &[], &[user_id]);
+                }
+            }
+            Change::Terminate { owner } => {
+                drop(channels);
+                if owner != cluster.node_id() {
+                    self.terminate_on_node(key);
                 }
             }
             Change::Count { owner, count } => {
