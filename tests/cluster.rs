@@ -228,3 +228,60 @@ fn terminate_connections_on_any_node_closes_the_user_everywhere() {
     }
     assert!(other.try_recv(QUIET).is_none(), "another user stays");
 }
+
+/// `(online, offline)` user ids of a `pusher_internal:watchlist_events` message.
+fn statuses(m: &serde_json::Value) -> (Vec<String>, Vec<String>) {
+    assert_eq!(m["event"], "pusher_internal:watchlist_events", "{m}");
+    let (mut online, mut offline) = (Vec::new(), Vec::new());
+    for e in m["data"]["events"].as_array().unwrap() {
+        let ids = e["user_ids"].as_array().unwrap().iter();
+        let ids = ids.map(|v| v.as_str().unwrap().to_owned());
+        match e["name"].as_str().unwrap() {
+            "online" => online.extend(ids),
+            _ => offline.extend(ids),
+        }
+    }
+    online.sort();
+    offline.sort();
+    (online, offline)
+}
+
+#[test]
+fn watchlists_follow_users_on_every_node_and_a_dead_nodes_users_go_offline() {
+    let redis = Redis::start();
+    let watchlists = "enable_watchlist_events = true";
+    let a = cluster_node(&redis, "", watchlists);
+    let b = cluster_node(&redis, "", watchlists);
+    let c = cluster_node(&redis, "", watchlists);
+    let mut ann = a.connect();
+    assert_eq!(
+        ann.signin(&json!({"id": "ann"}).to_string())["event"],
+        "pusher:signin_success"
+    );
+    let mut watcher = b.connect();
+    let watching = json!({"id": "w", "watchlist": ["ann", "bob"]}).to_string();
+    assert_eq!(watcher.signin(&watching)["event"], "pusher:signin_success");
+    let first = statuses(&watcher.recv());
+    assert_eq!(first, (vec!["ann".to_owned()], vec!["bob".to_owned()]));
+
+    let bob = json!({"id": "bob"}).to_string();
+    let mut bob_on_c = c.connect();
+    assert_eq!(bob_on_c.signin(&bob)["event"], "pusher:signin_success");
+    assert_eq!(statuses(&watcher.recv()), (vec!["bob".to_owned()], vec![]));
+    let mut bob_on_a = a.connect();
+    assert_eq!(bob_on_a.signin(&bob)["event"], "pusher:signin_success");
+    assert!(watcher.try_recv(QUIET).is_none(), "bob was online already");
+    drop(bob_on_c);
+    assert!(
+        watcher.try_recv(QUIET).is_none(),
+        "bob is still online on node A"
+    );
+    drop(bob_on_a);
+    assert_eq!(statuses(&watcher.recv()), (vec![], vec!["bob".to_owned()]));
+
+    drop(a); // SIGKILL: ann's node dies with her connection open
+    let offline = watcher
+        .try_recv(Duration::from_secs(12))
+        .expect("ann goes offline");
+    assert_eq!(statuses(&offline), (vec![], vec!["ann".to_owned()]));
+}

@@ -388,7 +388,10 @@ impl State {
         count: u32,
     ) -> redis::Cmd {
         let count = count.to_string();
-        self.change(topic, ("count", app_id, channel, &self.owner, count.as_str()))
+        self.change(
+            topic,
+            ("count", app_id, channel, &self.owner, count.as_str()),
+        )
     }
 
     /// Publishes a change written by this node (the Lua scripts write theirs themselves).
@@ -403,6 +406,15 @@ impl State {
     /// Asks every node to close the connections of a user (their channel `channel`).
     pub fn terminate(&self, topic: &[u8], app_id: &str, channel: &str) -> redis::Cmd {
         self.change(topic, ("terminate", app_id, channel, &self.owner))
+    }
+
+    /// Asks for each node's subscriber count of a channel (`counts_of`).
+    pub fn counts(&self, topic: &[u8]) -> redis::Cmd {
+        let mut subs = topic.to_vec();
+        subs.extend_from_slice(b":subs");
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(subs);
+        cmd
     }
 
     /// Asks for a channel's numbers (`stats_of`).
@@ -489,6 +501,22 @@ pub fn members_of(reply: &Value) -> Option<Vec<(String, String)>> {
         .collect()
 }
 
+/// Each node's (owner's) count, from a `counts` reply (a RESP3 map) or a script's flat list.
+pub fn counts_of(reply: &Value) -> Option<Vec<(String, u32)>> {
+    let count = |owner: &Value, n: &Value| Some((text(owner)?, text(n)?.parse().ok()?));
+    match reply {
+        Value::Map(pairs) => pairs.iter().map(|(o, n)| count(o, n)).collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .map(|pair| match pair {
+                [o, n] => count(o, n),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
 /// A `sync` reply.
 pub fn snapshot_of(reply: &Value) -> Option<Snapshot> {
     let Value::Array(parts) = reply else {
@@ -497,16 +525,7 @@ pub fn snapshot_of(reply: &Value) -> Option<Snapshot> {
     let [members, counts] = parts.as_slice() else {
         return None;
     };
-    let Value::Array(counts) = counts else {
-        return None;
-    };
-    let counts = counts
-        .chunks(2)
-        .map(|pair| match pair {
-            [owner, count] => Some((text(owner)?, text(count)?.parse().ok()?)),
-            _ => None,
-        })
-        .collect::<Option<_>>()?;
+    let counts = counts_of(counts)?;
     Some(Snapshot {
         members: members_of(members)?,
         counts,

@@ -43,7 +43,7 @@ pub(super) struct Home {
     /// When the cache was last purged of expired entries.
     cache_purged: RefCell<Instant>,
     /// Watchers per shard of each user homed here.
-    watchers: RefCell<WatchCounts>,
+    pub(super) watchers: RefCell<WatchCounts>,
     /// Channels whose `subscription_count` waits for the throttle.
     pending_counts: RefCell<Vec<ChannelKey>>,
 }
@@ -272,7 +272,7 @@ impl Shard {
                 self.tell_members(&key, &[], &[user_id]);
             }
         }
-        if self.home.channels.borrow().get(&key).is_none() {
+        if self.home.channels.borrow().get(&key).is_none() && !self.is_watched(&key) {
             self.leave_cluster_topic(&key);
         }
         self.count_changed(&key, false);
@@ -283,8 +283,14 @@ impl Shard {
     fn count_changed(&self, key: &ChannelKey, joined: bool) {
         let total = self.home.channels.borrow().get(key).map_or(0, |c| c.total);
         match ChannelKind::of(&key.name) {
-            ChannelKind::ServerToUser if joined && total == 1 => self.user_status(key, true),
-            ChannelKind::ServerToUser if !joined && total == 0 => self.user_status(key, false),
+            ChannelKind::ServerToUser => {
+                // The first connection here, or the last; in a cluster, the user's status
+                // changes only if they have none on another node.
+                let first_or_last = if joined { total == 1 } else { total == 0 };
+                if first_or_last && !self.online_elsewhere(key) {
+                    self.user_status(key, joined);
+                }
+            }
             _ if self.counts_announced(key) => self.send_subscription_count(key, Instant::now()),
             _ => {}
         }
@@ -350,7 +356,8 @@ impl Shard {
         self.home.pending_counts.borrow_mut().extend(waiting);
     }
 
-    fn user_status(&self, key: &ChannelKey, online: bool) {
+    /// Tells the shards watching a user homed here that they came online or went offline.
+    pub(super) fn user_status(&self, key: &ChannelKey, online: bool) {
         let shards = self.home.watchers.borrow().shards(key);
         for shard in shards {
             let msg = ShardMsg::UserStatus {
@@ -361,19 +368,54 @@ impl Shard {
         }
     }
 
-    /// Registers a watcher of a user homed here and answers with the user's status.
+    /// Whether a user homed here is online on another node (as far as this node knows).
+    pub(super) fn online_elsewhere(&self, key: &ChannelKey) -> bool {
+        let watchers = self.home.watchers.borrow();
+        watchers.online_elsewhere(key).unwrap_or(false)
+    }
+
+    /// Whether a user homed here is online anywhere (as far as this node knows).
+    pub(super) fn online(&self, key: &ChannelKey) -> bool {
+        self.subscribers_on_node(key) > 0 || self.online_elsewhere(key)
+    }
+
+    /// Registers a watcher of a user homed here and answers with the user's status (in a
+    /// cluster, once the node knows the user's other nodes).
     pub(super) fn home_watch(&self, key: ChannelKey, origin: usize, conn: u64) {
-        self.home.watchers.borrow_mut().watch(&key, origin);
-        let online = {
-            let channels = self.home.channels.borrow();
-            channels.get(&key).is_some_and(|c| c.total > 0)
-        };
+        let first = self.home.watchers.borrow_mut().watch(&key, origin);
+        if self.watch_in_cluster(&key, first) {
+            self.home.watchers.borrow_mut().wait(&key, origin, conn);
+            return;
+        }
+        let online = self.online(&key);
         self.route(origin, ShardMsg::WatchReply { key, conn, online });
+    }
+
+    /// Answers watches that waited for the user's status in the cluster.
+    pub(super) fn answer_watches(&self, key: &ChannelKey, waiting: Vec<(usize, u64)>) {
+        let online = self.online(key);
+        for (origin, conn) in waiting {
+            let key = key.clone();
+            self.route(origin, ShardMsg::WatchReply { key, conn, online });
+        }
     }
 
     /// Uncounts a watcher of a user homed here.
     pub(super) fn home_unwatch(&self, key: ChannelKey, origin: usize) {
-        self.home.watchers.borrow_mut().unwatch(&key, origin);
+        let forgotten = self.home.watchers.borrow_mut().unwatch(&key, origin);
+        if forgotten && self.subscribers_on_node(&key) == 0 {
+            self.leave_cluster_topic(&key);
+        }
+    }
+
+    /// Someone on this node watches a user homed here.
+    pub(super) fn is_watched(&self, key: &ChannelKey) -> bool {
+        self.home.watchers.borrow().is_watched(key)
+    }
+
+    /// Every user homed here that someone on this node watches.
+    pub(super) fn watched_users(&self) -> Vec<ChannelKey> {
+        self.home.watchers.borrow().keys().cloned().collect()
     }
 
     /// Closes the connections of a user homed here, on every shard that has some.

@@ -73,6 +73,8 @@ pub struct Shard {
     open_tickets: RefCell<AHashMap<u64, bool>>,
     /// Presence channels whose member list was asked of Redis, by the token of the reply.
     syncs: RefCell<AHashMap<u64, ChannelKey>>,
+    /// Watched users whose nodes were asked of Redis, by the token of the reply.
+    user_asks: RefCell<AHashMap<u64, ChannelKey>>,
     /// A state command could not be queued: Redis is behind this node until it asserts its
     /// state again.
     cluster_state_stale: Cell<bool>,
@@ -119,6 +121,7 @@ impl Shard {
             }),
             awaiting_subscription: RefCell::new(AHashMap::new()),
             syncs: RefCell::new(AHashMap::new()),
+            user_asks: RefCell::new(AHashMap::new()),
             cluster_state_stale: Cell::new(false),
             cluster_link_up: Cell::new(None),
             open_tickets: RefCell::new(AHashMap::new()),

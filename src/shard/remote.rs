@@ -19,6 +19,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+fn is_user(key: &ChannelKey) -> bool {
+    ChannelKind::of(&key.name) == ChannelKind::ServerToUser
+}
+
 /// The token of the heartbeat's reply (sync tokens come from `new_id`, which never makes it).
 const HEARTBEAT: u64 = u64::MAX;
 
@@ -59,7 +63,7 @@ impl Shard {
         {
             sent &= cluster.link.command(&cmd);
         }
-        if self.counts_announced(key) {
+        if self.counts_announced(key) || (is_user(key) && total == 1) {
             let announce = cluster
                 .state
                 .announce_count(&topic, app_id, &key.name, total);
@@ -89,7 +93,7 @@ impl Shard {
         for cmd in cluster.state.count(&topic, app_id, &key.name, total, false) {
             sent &= cluster.link.command(&cmd);
         }
-        if self.counts_announced(key) {
+        if self.counts_announced(key) || (is_user(key) && total == 0) {
             let announce = cluster
                 .state
                 .announce_count(&topic, app_id, &key.name, total);
@@ -186,9 +190,11 @@ impl Shard {
         let counts = self.counts_announced(key);
         let members = channel.local_members();
         let name = (app_id.as_str(), &*key.name);
+        // Signed-in users' counts are announced for the other nodes' watchers.
+        let announce = counts || is_user(key);
         let sync = cluster
             .state
-            .sync(&topic, name, channel.total, counts, members);
+            .sync(&topic, name, channel.total, announce, members);
         let sent = if channel.members.is_some() || counts {
             let token = self.new_id();
             self.syncs.borrow_mut().insert(token, key.clone());
@@ -220,6 +226,69 @@ impl Shard {
         };
         for key in keys {
             self.sync_channel(cluster, &key);
+        }
+        for key in self.watched_users() {
+            self.ask_user_nodes(cluster, &key);
+        }
+    }
+
+    /// A watch of a user homed here, in a cluster: the node's first watcher of that user
+    /// subscribes to the user's topic (where other nodes announce the user's connections) and
+    /// asks Redis where the user is online now. True: the answer waits for Redis.
+    pub(super) fn watch_in_cluster(&self, key: &ChannelKey, first: bool) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        if first {
+            cluster.link.subscribe(&self.topic_of(cluster, key));
+        }
+        if !cluster.link.is_up() {
+            return false;
+        }
+        if first {
+            self.ask_user_nodes(cluster, key);
+        }
+        self.home.watchers.borrow().online_elsewhere(key).is_none()
+    }
+
+    /// Asks Redis which nodes have a watched user's connections (the reply: `on_user_nodes`).
+    fn ask_user_nodes(&self, cluster: &Cluster, key: &ChannelKey) {
+        let token = self.new_id();
+        let ask = cluster.state.counts(&self.topic_of(cluster, key));
+        if cluster.link.command_then_event(&ask, token) {
+            self.user_asks.borrow_mut().insert(token, key.clone());
+        }
+    }
+
+    /// Where a watched user is online, from Redis: waiting watches get their answer, and
+    /// watchers hear of a change (after Redis was away).
+    fn on_user_nodes(&self, cluster: &Cluster, key: &ChannelKey, value: &redis::Value) {
+        let before = self.online(key);
+        let own = cluster.node_id();
+        let counts = state::counts_of(value).unwrap_or_default();
+        let elsewhere = counts.into_iter().filter(|(o, n)| o != own && *n > 0);
+        let owners = elsewhere.map(|(o, _)| o).collect();
+        let waiting = self.home.watchers.borrow_mut().set_elsewhere(key, owners);
+        let after = self.online(key);
+        if before != after {
+            self.user_status(key, after);
+        }
+        self.answer_watches(key, waiting);
+    }
+
+    /// Another node's count of a watched user's connections.
+    fn on_user_count(&self, cluster: &Cluster, key: &ChannelKey, owner: &str, count: u32) {
+        if owner == cluster.node_id() || !self.is_watched(key) {
+            return;
+        }
+        let before = self.online(key);
+        self.home
+            .watchers
+            .borrow_mut()
+            .note_count(key, owner, count);
+        let after = self.online(key);
+        if before != after {
+            self.user_status(key, after);
         }
     }
 
@@ -298,6 +367,11 @@ impl Shard {
                     self.announce(announcement);
                 }
                 self.syncs.borrow_mut().clear();
+                let asked = std::mem::take(&mut *self.user_asks.borrow_mut());
+                for key in asked.into_values() {
+                    let waiting = self.home.watchers.borrow_mut().take_waiting(&key);
+                    self.answer_watches(&key, waiting);
+                }
                 if self.cluster_link_up.replace(Some(false)) != Some(false) {
                     crate::log_warn!("shard {}: Redis link down ({reason}); retrying", self.id);
                 }
@@ -336,10 +410,14 @@ impl Shard {
             }
             return;
         }
-        let Some(key) = self.syncs.borrow_mut().remove(&token) else {
+        let Some(cluster) = &self.cluster else {
             return;
         };
-        let Some(cluster) = &self.cluster else {
+        let asked = self.user_asks.borrow_mut().remove(&token);
+        if let Some(key) = asked {
+            return self.on_user_nodes(cluster, &key, value);
+        }
+        let Some(key) = self.syncs.borrow_mut().remove(&token) else {
             return;
         };
         // An error reply leaves the channel on the local rule until the next assertion.
@@ -393,6 +471,9 @@ impl Shard {
             return self.skip_foreign("a state change naming another channel than its topic");
         }
         let key = ChannelKey::new(app, &changed.channel);
+        if let (Change::Count { owner, count }, true) = (&changed.change, is_user(&key)) {
+            return self.on_user_count(cluster, &key, owner, *count);
+        }
         let mut channels = self.home.channels.borrow_mut();
         let Some(home) = channels.get_mut(&key) else {
             return;
