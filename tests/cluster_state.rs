@@ -330,3 +330,47 @@ fn subscription_count_events_count_every_node_and_drop_a_dead_ones_share() {
     assert_eq!(next_count(&mut on_a, Duration::from_secs(12)), Some(1));
     assert_eq!(next_count(&mut on_a, QUIET), None);
 }
+
+#[test]
+fn cache_channels_give_the_last_event_published_on_any_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    // Published on A while nobody anywhere subscribes.
+    for i in 0..3 {
+        assert_eq!(a.trigger("cache-news", "pos", &format!("p{i}")).0, 200);
+    }
+    let mut on_b = b.connect();
+    assert_eq!(
+        on_b.subscribe("cache-news")["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    let cached = on_b.recv();
+    assert_eq!(
+        (cached["event"].as_str(), cached["data"].as_str()),
+        (Some("pos"), Some("p2"))
+    );
+    assert!(on_b.try_recv(QUIET).is_none(), "the cached event once");
+    // Live events still arrive once; the next subscriber, on A, gets the newest.
+    assert_eq!(b.trigger("cache-news", "pos", "p3").0, 200);
+    assert_eq!(on_b.recv()["data"], "p3");
+    assert!(on_b.try_recv(QUIET).is_none());
+    let mut on_a = a.connect();
+    on_a.subscribe("cache-news");
+    assert_eq!(on_a.recv()["data"], "p3");
+    let path = format!("/apps/{APP_ID}/channels/cache-news");
+    let info = get_json(&b, &path, &[("info", "cache,subscription_count")]);
+    assert_eq!(
+        (
+            info["cache"]["event"].as_str(),
+            info["cache"]["data"].as_str()
+        ),
+        (Some("pos"), Some("p3"))
+    );
+    assert_eq!(info["subscription_count"], 2);
+    let ttl = info["cache"]["ttl"].as_u64().unwrap();
+    assert!((1790..=1800).contains(&ttl), "ttl {ttl}");
+    // A channel nothing was published to: a miss, from any node.
+    let mut empty = a.connect();
+    empty.subscribe("cache-empty");
+    assert_eq!(empty.recv()["event"], "pusher:cache_miss");
+}

@@ -22,6 +22,7 @@ fn values(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
             let _ = state::members_of(&v);
             let _ = state::stats_of(&v);
             let _ = state::counts_of(&v);
+            let _ = state::cached_of(&v);
             let _ = state::channels_of(&v);
             let _ = state::was_registered(&v);
             out.push(format!("{v:?}"));

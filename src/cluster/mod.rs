@@ -64,11 +64,26 @@ impl Cluster {
 
     /// Publishes a frame for the other nodes (this node delivers it itself).
     /// False: Redis is away and the link's queue is full.
-    pub fn publish(&self, app_id: &str, channel: &str, except: &str, frame: &[u8]) -> bool {
+    /// With `cache_ttl_ms` (a cache channel), Redis keeps it as the channel's last event for
+    /// that long, in the same step as the publish.
+    pub fn publish(
+        &self,
+        (app_id, channel): (&str, &str),
+        except: &str,
+        frame: &[u8],
+        cache_ttl_ms: Option<u64>,
+    ) -> bool {
         let topic = self.topic(app_id, channel);
         let payload = self.encode(app_id, channel, except, frame);
-        self.link
-            .command(redis::cmd("PUBLISH").arg(topic).arg(payload))
+        match cache_ttl_ms {
+            Some(ttl_ms) => {
+                let publish = self.state.publish_cached(&topic, &payload, ttl_ms);
+                self.link.command(&publish)
+            }
+            None => self
+                .link
+                .command(redis::cmd("PUBLISH").arg(topic).arg(payload)),
+        }
     }
 
     /// `SP1` and length-prefixed fields: node id, app id, channel, excluded socket id, frame.

@@ -158,6 +158,22 @@ end
 if known then return 1 else return 0 end
 "#;
 
+/// ARGV: topic, payload, ms to keep it. A cache channel's publish: kept as its last event and
+/// published in one step, so a node that reads the cache after subscribing either finds the
+/// event or receives it.
+const PUBLISH_CACHED: &str = r#"
+redis.call('SET', ARGV[1] .. ':cache', ARGV[2], 'PX', ARGV[3])
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+"#;
+
+/// ARGV: topic. Returns a cache channel's last event (as published) and the ms it has left, or
+/// an empty list.
+const CACHED: &str = r#"
+local payload = redis.call('GET', ARGV[1] .. ':cache')
+if not payload then return {} end
+return {payload, redis.call('PTTL', ARGV[1] .. ':cache')}
+"#;
+
 /// ARGV: topic. Returns the channel's subscription count and number of distinct users.
 const CHANNEL_STATS: &str = r#"
 local total = 0
@@ -408,6 +424,20 @@ impl State {
         self.change(topic, ("terminate", app_id, channel, &self.owner))
     }
 
+    /// Publishes a cache channel's `payload`, kept as its last event for `ttl_ms`.
+    pub fn publish_cached(&self, topic: &[u8], payload: &[u8], ttl_ms: u64) -> redis::Cmd {
+        let mut cmd = script(PUBLISH_CACHED);
+        cmd.arg(topic).arg(payload).arg(ttl_ms.max(1));
+        cmd
+    }
+
+    /// Asks for a cache channel's last event (`cached_of`).
+    pub fn cached(&self, topic: &[u8]) -> redis::Cmd {
+        let mut cmd = script(CACHED);
+        cmd.arg(topic);
+        cmd
+    }
+
     /// Asks for each node's subscriber count of a channel (`counts_of`).
     pub fn counts(&self, topic: &[u8]) -> redis::Cmd {
         let mut subs = topic.to_vec();
@@ -530,6 +560,21 @@ pub fn snapshot_of(reply: &Value) -> Option<Snapshot> {
         members: members_of(members)?,
         counts,
     })
+}
+
+/// A `cached` reply: the payload as published and the ms it has left (None inside: nothing
+/// cached; None outside: not such a reply).
+pub fn cached_of(reply: &Value) -> Option<Option<(Vec<u8>, u64)>> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    match items.as_slice() {
+        [] => Some(None),
+        [Value::BulkString(payload), Value::Int(ttl_ms)] => {
+            Some(Some((payload.clone(), u64::try_from(*ttl_ms).unwrap_or(0))))
+        }
+        _ => None,
+    }
 }
 
 /// A `channel_stats` reply.

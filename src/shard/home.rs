@@ -33,6 +33,8 @@ pub(super) struct Announcement {
     /// Presence: the member, the joining socket, and whether it is the user's first socket on
     /// this node.
     member: Option<(PresenceMember, u64, bool)>,
+    /// Cache channels in a cluster: the last event (or `cache_miss`) as read from Redis.
+    pub(super) cached: Option<Arc<[u8]>>,
 }
 
 /// The tables of the channels and users homed on one shard.
@@ -72,7 +74,7 @@ impl Shard {
             cache,
             ticket,
         } = publication;
-        let forwarded = self.publish_to_cluster(&key, &frame, except_elsewhere.as_deref());
+        let forwarded = self.publish_to_cluster(&key, &frame, except_elsewhere.as_deref(), cache);
         if let (false, Some((origin, ticket))) = (forwarded, ticket) {
             self.route(origin, ShardMsg::PublishRefused { ticket });
         }
@@ -175,6 +177,7 @@ impl Shard {
             reply,
             key,
             member: member.map(|m| (m, conn, new_locally)),
+            cached: None,
         };
         // A node's first subscriber is confirmed once Redis has the node's subscription, so
         // that whatever is published anywhere after the confirmation reaches it.
@@ -191,6 +194,7 @@ impl Shard {
             mut reply,
             key,
             member,
+            cached,
         } = announcement;
         let joined_presence = member.is_some();
         // Whether the member is news to the channel's subscribers, as they know it now.
@@ -209,7 +213,8 @@ impl Shard {
                 ack.succeeded = self.presence_succeeded(&key);
             }
             if is_cache_channel(&key.name) {
-                ack.cache_event = Some(self.cached_or_miss(&key));
+                let cached = cached.unwrap_or_else(|| self.cached_or_miss(&key));
+                ack.cache_event = Some(cached);
             }
         }
         self.route(origin, reply);

@@ -75,6 +75,8 @@ pub struct Shard {
     syncs: RefCell<AHashMap<u64, ChannelKey>>,
     /// Watched users whose nodes were asked of Redis, by the token of the reply.
     user_asks: RefCell<AHashMap<u64, ChannelKey>>,
+    /// Joins of cache channels waiting for the last event from Redis, by the token of the reply.
+    cache_asks: RefCell<AHashMap<u64, home::Announcement>>,
     /// A state command could not be queued: Redis is behind this node until it asserts its
     /// state again.
     cluster_state_stale: Cell<bool>,
@@ -122,6 +124,7 @@ impl Shard {
             awaiting_subscription: RefCell::new(AHashMap::new()),
             syncs: RefCell::new(AHashMap::new()),
             user_asks: RefCell::new(AHashMap::new()),
+            cache_asks: RefCell::new(AHashMap::new()),
             cluster_state_stale: Cell::new(false),
             cluster_link_up: Cell::new(None),
             open_tickets: RefCell::new(AHashMap::new()),

@@ -2,7 +2,7 @@
 //! type. Counts come from each channel's home shard, so they are exact across shards; in a
 //! cluster they come from Redis, where every node keeps its share (`cluster::state`).
 
-use super::messages::{ChannelInfo, ChannelStats, ClusterUnavailable, Publication};
+use super::messages::{CachedEvent, ChannelInfo, ChannelStats, ClusterUnavailable, Publication};
 use super::Shard;
 use crate::channels::ChannelKey;
 use crate::cluster::state::{self, ClusterStats};
@@ -87,9 +87,24 @@ impl Shard {
         let reply = cluster.link.ask(&cluster.state.channel_stats(&topic)).await;
         let stats = reply.as_ref().and_then(state::stats_of);
         let stats = stats.ok_or(ClusterUnavailable)?;
-        let mut info = self.mesh.ask_channel(self.id, home, key, with_cache).await;
-        info.stats = stats.into();
-        Ok(info)
+        let cached = match with_cache {
+            true => {
+                let reply = cluster.link.ask(&cluster.state.cached(&topic)).await;
+                let cached = reply.as_ref().and_then(state::cached_of);
+                let cached = cached.ok_or(ClusterUnavailable)?;
+                cached.and_then(|(payload, ttl_ms)| {
+                    Some(CachedEvent {
+                        frame: Self::cached_frame(&payload)?,
+                        ttl_secs: ttl_ms / 1000,
+                    })
+                })
+            }
+            false => None,
+        };
+        Ok(ChannelInfo {
+            stats: stats.into(),
+            cached,
+        })
     }
 
     /// A channel's counts.

@@ -12,7 +12,8 @@ use crate::channels::ChannelKey;
 use crate::cluster::link::LinkEvent;
 use crate::cluster::state::{self, Change, Snapshot};
 use crate::cluster::Cluster;
-use crate::protocol::channel::ChannelKind;
+use crate::protocol::channel::{is_cache_channel, ChannelKind};
+use crate::protocol::events;
 use crate::protocol::events::PresenceMember;
 use crate::protocol::ws;
 use std::sync::atomic::Ordering;
@@ -27,19 +28,23 @@ fn is_user(key: &ChannelKey) -> bool {
 const HEARTBEAT: u64 = u64::MAX;
 
 impl Shard {
-    /// Sends a publication of this node to the other nodes (nothing to do on a single node).
+    /// Sends a publication of this node to the other nodes (nothing to do on a single node);
+    /// a cache channel's is kept in Redis too (`cache`).
     /// False: Redis is away and the link's queue is full, so the other nodes will not get it.
     pub(super) fn publish_to_cluster(
         &self,
         key: &ChannelKey,
         frame: &[u8],
         except_elsewhere: Option<&str>,
+        cache: bool,
     ) -> bool {
         let Some(cluster) = &self.cluster else {
             return true;
         };
-        let app_id = &self.node.app(key.app).id;
-        let forwarded = cluster.publish(app_id, &key.name, except_elsewhere.unwrap_or(""), frame);
+        let app = self.node.app(key.app);
+        let ttl_ms = cache.then(|| u64::from(app.cache_ttl) * 1000);
+        let except = except_elsewhere.unwrap_or("");
+        let forwarded = cluster.publish((&app.id, &key.name), except, frame, ttl_ms);
         if !forwarded {
             let refused = &self.node.cluster_publishes_refused;
             refused.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +151,9 @@ impl Shard {
         };
         let key = &announcement.key;
         let topic = self.topic_of(cluster, key);
+        if is_cache_channel(&key.name) && cluster.link.is_up() {
+            return self.hold_for_cache(cluster, &topic, announcement);
+        }
         let mut awaiting = self.awaiting_subscription.borrow_mut();
         if let Some(waiting) = awaiting.get_mut(&topic) {
             waiting.push(announcement);
@@ -164,6 +172,33 @@ impl Shard {
             return Some(announcement);
         }
         awaiting.insert(topic, vec![announcement]);
+        None
+    }
+
+    /// A cache channel's join waits for its last event from Redis, asked after the node's
+    /// subscription (and, for presence, its member list) on the same link: whatever was
+    /// published before that read is in it, and whatever after reaches the node.
+    fn hold_for_cache(
+        &self,
+        cluster: &Cluster,
+        topic: &[u8],
+        announcement: Announcement,
+    ) -> Option<Announcement> {
+        let key = &announcement.key;
+        if self.subscribers_on_node(key) == 1 {
+            cluster.link.subscribe(topic);
+        }
+        if self.needs_snapshot(key) && !self.awaiting_subscription.borrow().contains_key(topic) {
+            self.sync_channel(cluster, key);
+        }
+        let token = self.new_id();
+        if !cluster
+            .link
+            .command_then_event(&cluster.state.cached(topic), token)
+        {
+            return Some(announcement);
+        }
+        self.cache_asks.borrow_mut().insert(token, announcement);
         None
     }
 
@@ -367,6 +402,10 @@ impl Shard {
                     self.announce(announcement);
                 }
                 self.syncs.borrow_mut().clear();
+                let cache_asks = std::mem::take(&mut *self.cache_asks.borrow_mut());
+                for announcement in cache_asks.into_values() {
+                    self.announce(announcement);
+                }
                 let asked = std::mem::take(&mut *self.user_asks.borrow_mut());
                 for key in asked.into_values() {
                     let waiting = self.home.watchers.borrow_mut().take_waiting(&key);
@@ -416,6 +455,15 @@ impl Shard {
         let asked = self.user_asks.borrow_mut().remove(&token);
         if let Some(key) = asked {
             return self.on_user_nodes(cluster, &key, value);
+        }
+        let held = self.cache_asks.borrow_mut().remove(&token);
+        if let Some(mut announcement) = held {
+            // A reply that is not a cached event of this channel counts as none.
+            let cached = state::cached_of(value).flatten();
+            let frame = cached.and_then(|(payload, _)| Self::cached_frame(&payload));
+            let frame = frame.unwrap_or_else(|| events::cache_miss(&announcement.key.name).into());
+            announcement.cached = Some(frame);
+            return self.announce(announcement);
         }
         let Some(key) = self.syncs.borrow_mut().remove(&token) else {
             return;
@@ -541,6 +589,13 @@ impl Shard {
         let except = self.node.conn_id_of(remote.except);
         let targets = self.subscriber_shards(&key);
         self.broadcast(&targets, &key, Arc::from(remote.frame), except);
+    }
+
+    /// The frame of a cache channel's payload read from Redis (None: not a complete frame of
+    /// shardpush's).
+    pub(super) fn cached_frame(payload: &[u8]) -> Option<Arc<[u8]>> {
+        let published = crate::cluster::decode(payload)?;
+        ws::is_complete_text_frame(published.frame).then(|| Arc::from(published.frame))
     }
 
     /// Logs the first of each kind of unreadable message on a topic (never one line per message).
