@@ -374,3 +374,44 @@ fn cache_channels_give_the_last_event_published_on_any_node() {
     empty.subscribe("cache-empty");
     assert_eq!(empty.recv()["event"], "pusher:cache_miss");
 }
+
+/// Opens a connection; Some(error code) if the server refused it.
+fn refusal(server: &Server) -> (Client, Option<u64>) {
+    let mut c = server.ws();
+    let first = c.recv();
+    let code = (first["event"] == "pusher:error").then(|| first["data"]["code"].as_u64().unwrap());
+    (c, code)
+}
+
+#[test]
+fn an_apps_connection_limit_counts_every_node() {
+    let redis = Redis::start();
+    let capped = "max_connections = 3";
+    let (a, b) = (
+        cluster_node(&redis, "", capped),
+        cluster_node(&redis, "", capped),
+    );
+    let on_a: Vec<Client> = (0..3).map(|_| a.connect()).collect();
+    // Node B hears of node A's connections within a heartbeat or two (2 s each).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, code) = refusal(&b);
+        if code == Some(4004) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node B still admits past the app's limit"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(on_a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refusal(&b).1.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "node B still refuses after node A's closed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

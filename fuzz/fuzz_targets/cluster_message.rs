@@ -24,7 +24,7 @@ fn values(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
             let _ = state::counts_of(&v);
             let _ = state::cached_of(&v);
             let _ = state::channels_of(&v);
-            let _ = state::was_registered(&v);
+            let _ = state::heartbeat_of(&v);
             out.push(format!("{v:?}"));
             Ok(())
         })?;

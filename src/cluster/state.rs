@@ -114,10 +114,12 @@ end
 return {members(topic), redis.call('HGETALL', topic .. ':subs')}
 "#;
 
-/// ARGV: prefix, owner, ms until expiry, node id followed by '/'. Renews the owner, then removes
-/// the share of every owner that expired and of earlier lives of the same node id, announcing
-/// the members who left with them. Returns 1 if the owner was still registered (0: it had been
-/// removed as dead, so it must assert its state again).
+/// ARGV: prefix, owner, ms until expiry, node id followed by '/', then app id and connection
+/// count of each app with a connection limit. Renews the owner and its connection counts, then
+/// removes the share of every owner that expired and of earlier lives of the same node id,
+/// announcing the members who left with them. Returns 1 if the owner was still registered (0:
+/// it had been removed as dead, so it must assert its state again), and for each app given the
+/// connections on the other nodes.
 const HEARTBEAT: &str = r#"
 local prefix, owner, life, same_id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local nodes = prefix .. ':nodes'
@@ -125,6 +127,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local known = redis.call('ZSCORE', nodes, owner)
 redis.call('ZADD', nodes, now + life, owner)
+local conns = prefix .. ':conns:'
+redis.call('DEL', conns .. owner)
+for i = 5, #ARGV - 1, 2 do
+  redis.call('HSET', conns .. owner, ARGV[i], ARGV[i + 1])
+end
 local dead = {}
 local all = redis.call('ZRANGE', nodes, 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
@@ -152,10 +159,22 @@ for _, d in ipairs(dead) do
       end
     end
   end
-  redis.call('DEL', index)
+    redis.call('DEL', index)
+  redis.call('DEL', conns .. d)
   redis.call('ZREM', nodes, d)
 end
-if known then return 1 else return 0 end
+local others = {}
+local alive = redis.call('ZRANGE', nodes, 0, -1)
+for i = 5, #ARGV - 1, 2 do
+  local sum = 0
+  for _, n in ipairs(alive) do
+    if n ~= owner then
+      sum = sum + (tonumber(redis.call('HGET', conns .. n, ARGV[i])) or 0)
+    end
+  end
+  others[#others + 1] = sum
+end
+if known then return {1, others} else return {0, others} end
 "#;
 
 /// ARGV: topic, payload, ms to keep it. A cache channel's publish: kept as its last event and
@@ -385,12 +404,19 @@ impl State {
         cmd
     }
 
-    /// Renews this node's registration for `life_ms` and removes the share of dead nodes.
-    /// The reply is 1, or 0 when this node had been taken for dead (`was_registered`).
-    pub fn heartbeat(&self, life_ms: u64) -> redis::Cmd {
+    /// Renews this node's registration for `life_ms` and its connection count of each app
+    /// with a limit, and removes the share of dead nodes (the reply: `heartbeat_of`).
+    pub fn heartbeat<'a>(
+        &self,
+        life_ms: u64,
+        connections: impl Iterator<Item = (&'a str, u32)>,
+    ) -> redis::Cmd {
         let mut cmd = script(HEARTBEAT);
         cmd.arg(&self.prefix).arg(&self.owner).arg(life_ms);
         cmd.arg(format!("{}/", self.node_id));
+        for (app_id, count) in connections {
+            cmd.arg(app_id).arg(count);
+        }
         cmd
     }
 
@@ -611,9 +637,17 @@ pub fn channels_of(reply: &Value) -> Option<Vec<(String, ClusterStats)>> {
         .collect()
 }
 
-/// A `heartbeat` reply: false when this node had been taken for dead.
-pub fn was_registered(reply: &Value) -> bool {
-    !matches!(reply, Value::Int(0))
+/// A `heartbeat` reply: whether this node was still registered (false: it had been taken for
+/// dead), and the connections on the other nodes of each app given, in order.
+pub fn heartbeat_of(reply: &Value) -> Option<(bool, Vec<u32>)> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let [Value::Int(known), Value::Array(others)] = parts.as_slice() else {
+        return None;
+    };
+    let others = others.iter().map(number).collect::<Option<_>>()?;
+    Some((*known != 0, others))
 }
 
 #[cfg(test)]
@@ -690,7 +724,8 @@ mod tests {
         assert_eq!(stats_of(&Value::Int(3)), None);
         let rows = Value::Array(vec![bulk("a"), Value::Int(1), Value::Int(0)]);
         assert_eq!(channels_of(&rows).map(|r| r.len()), Some(1));
-        assert!(!was_registered(&Value::Int(0)));
-        assert!(was_registered(&Value::Int(1)));
+        let beat = Value::Array(vec![Value::Int(0), Value::Array(vec![Value::Int(5)])]);
+        assert_eq!(heartbeat_of(&beat), Some((false, vec![5])));
+        assert_eq!(heartbeat_of(&Value::Int(1)), None);
     }
 }

@@ -20,6 +20,9 @@ pub struct Node {
     pub socket_prefix: u32,
     /// Open WebSocket connections per app (index: the app's position in `config.apps`).
     pub app_connections: Vec<AtomicU32>,
+    /// In a cluster, the connections of each app on the other nodes, as of the last heartbeat
+    /// (only apps with a `max_connections`; shard 0 writes them).
+    pub app_connections_elsewhere: Vec<AtomicU32>,
     /// Open WebSocket connections in the process.
     pub connections: AtomicUsize,
     /// A shutdown was asked for (SIGINT/SIGTERM); set by the signal thread.
@@ -60,6 +63,7 @@ impl Node {
             shards,
             socket_prefix: random_u32() % 1_000_000_000,
             app_connections: (0..apps).map(|_| AtomicU32::new(0)).collect(),
+            app_connections_elsewhere: (0..apps).map(|_| AtomicU32::new(0)).collect(),
             connections: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             drain_over: AtomicBool::new(false),

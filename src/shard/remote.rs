@@ -251,9 +251,7 @@ impl Shard {
             return;
         }
         self.cluster_state_stale.set(false);
-        let sent = cluster
-            .link
-            .command(&cluster.state.heartbeat(self.node_life_ms()));
+        let sent = cluster.link.command(&self.heartbeat(cluster));
         self.note_unsent(sent);
         let keys: Vec<ChannelKey> = {
             let channels = self.home.channels.borrow();
@@ -327,6 +325,21 @@ impl Shard {
         }
     }
 
+    /// This node's heartbeat, with its connection count of each app that has a limit.
+    fn heartbeat(&self, cluster: &Cluster) -> redis::Cmd {
+        let counts = self.capped_apps().map(|(i, app)| {
+            let count = self.node.app_connections[i].load(Ordering::Relaxed);
+            (app.id.as_str(), count)
+        });
+        cluster.state.heartbeat(self.node_life_ms(), counts)
+    }
+
+    /// The apps with a `max_connections`, with their indexes.
+    fn capped_apps(&self) -> impl Iterator<Item = (usize, &crate::config::AppConfig)> {
+        let apps = self.node.config.apps.iter().enumerate();
+        apps.filter(|(_, app)| app.max_connections > 0)
+    }
+
     /// How long a heartbeat keeps the node alive: the node timeout less one interval, so that
     /// the survivors, checking once an interval, notice a death within the node timeout.
     fn node_life_ms(&self) -> u64 {
@@ -358,8 +371,9 @@ impl Shard {
                 self.reassert();
             }
             if self.id == 0 {
-                let beat = cluster.state.heartbeat(self.node_life_ms());
-                cluster.link.command_then_event(&beat, HEARTBEAT);
+                cluster
+                    .link
+                    .command_then_event(&self.heartbeat(cluster), HEARTBEAT);
             }
             self.handle_own_messages();
         }
@@ -441,7 +455,15 @@ impl Shard {
 
     fn on_reply(&self, token: u64, value: &redis::Value) {
         if token == HEARTBEAT {
-            if !state::was_registered(value) {
+            let Some((registered, elsewhere)) = state::heartbeat_of(value) else {
+                return;
+            };
+            let apps = self.capped_apps().map(|(i, _)| i);
+            for (app, count) in apps.zip(elsewhere) {
+                let others = &self.node.app_connections_elsewhere[app];
+                others.store(count, Ordering::Relaxed);
+            }
+            if !registered {
                 crate::log_warn!("this node had been taken for dead; asserting its state again");
                 for shard in 0..self.node.shards {
                     self.route(shard, ShardMsg::Reassert);

@@ -221,7 +221,9 @@ fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
         },
     }
     let in_app = node.app_connections[app as usize].fetch_add(1, Ordering::Relaxed);
-    if config.max_connections > 0 && in_app >= config.max_connections {
+    // In a cluster, with the other nodes' connections as of the last heartbeat.
+    let elsewhere = node.app_connections_elsewhere[app as usize].load(Ordering::Relaxed);
+    if config.max_connections > 0 && in_app.saturating_add(elsewhere) >= config.max_connections {
         node.app_connections[app as usize].fetch_sub(1, Ordering::Relaxed);
         return Err((
             codes::APP_OVER_QUOTA,
