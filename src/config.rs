@@ -15,6 +15,9 @@ pub struct Config {
     pub port: u16,
     /// Optional second port that serves only the HTTP API.
     pub api_port: Option<u16>,
+    /// What this node serves: WebSocket clients and the HTTP API (`all`), or in a cluster only
+    /// one of them (`websocket`, `api`).
+    pub role: Role,
     /// Number of shards (executor threads); 0 = one per available CPU.
     pub shards: usize,
     /// Seconds of client silence before the server pings; sent to clients in the handshake.
@@ -46,6 +49,45 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     /// Run as one node of a cluster through Redis (`[cluster]`); None: a single node.
     pub cluster: Option<ClusterConfig>,
+}
+
+/// What a node serves (`role`, `--role`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// WebSocket clients and the HTTP API.
+    #[default]
+    All,
+    /// WebSocket clients only (a cluster node; the HTTP API is served by other nodes).
+    Websocket,
+    /// The HTTP API only (a cluster node publishing through Redis and answering from the
+    /// cluster's state).
+    Api,
+}
+
+impl Role {
+    fn parse(source: &str, key: &str, value: &str) -> Result<Role, ConfigError> {
+        match value {
+            "all" => Ok(Role::All),
+            "websocket" => Ok(Role::Websocket),
+            "api" => Ok(Role::Api),
+            _ => Err(err(
+                source,
+                key,
+                format!("'{value}' is not one of all, websocket, api"),
+            )),
+        }
+    }
+
+    /// Serves WebSocket clients.
+    pub fn serves_websocket(self) -> bool {
+        self != Role::Api
+    }
+
+    /// Serves the HTTP API.
+    pub fn serves_api(self) -> bool {
+        self != Role::Websocket
+    }
 }
 
 /// The `[cluster]` table: the Redis server the nodes meet on and how they watch each other.
@@ -138,6 +180,7 @@ impl Default for Config {
             host: "0.0.0.0".into(),
             port: 6001,
             api_port: None,
+            role: Role::All,
             shards: 0,
             activity_timeout: 120,
             pong_timeout: 30,
@@ -316,6 +359,8 @@ pub struct Cli {
     pub shards: Option<usize>,
     /// `--redis-url`: run as a cluster node (overrides `[cluster] redis_url`).
     pub redis_url: Option<String>,
+    /// `--role`: what the node serves (overrides `role` and `SHARDPUSH_ROLE`).
+    pub role: Option<String>,
 
     /// `-h`/`--help`: print `HELP` and exit.
     pub help: bool,
@@ -336,8 +381,10 @@ OPTIONS:
     -p, --port <PORT>      Port for WebSocket and HTTP API [env SHARDPUSH_PORT; default 6001; 0 = any free port]
         --api-port <PORT>  Also serve the HTTP API alone on this port
         --shards <N>       Executor threads, one per core [env SHARDPUSH_SHARDS; default: available CPUs]
-        --redis-url <URL>  Run as one node of a cluster through Redis, e.g. redis://127.0.0.1:6379
+                --redis-url <URL>  Run as one node of a cluster through Redis, e.g. redis://127.0.0.1:6379
                            [env SHARDPUSH_REDIS_URL; see [cluster] in README.md]
+        --role <ROLE>      all, websocket (clients only) or api (HTTP API only); the last two
+                           need a cluster [env SHARDPUSH_ROLE; default all]
     -h, --help             Print this help
     -V, --version          Print the version
 
@@ -380,6 +427,7 @@ impl Cli {
                     )?)
                 }
                 "--redis-url" => cli.redis_url = Some(value("--redis-url")?),
+                "--role" => cli.role = Some(value("--role")?),
                 "--shards" => {
                     cli.shards = Some(parse_num("command line", "--shards", &value("--shards")?)?)
                 }
@@ -416,6 +464,9 @@ impl Config {
         }
         if let Some(v) = env("SHARDPUSH_SHARDS") {
             config.shards = parse_num(ENV, "SHARDPUSH_SHARDS", &v)?;
+        }
+        if let Some(v) = env("SHARDPUSH_ROLE") {
+            config.role = Role::parse(ENV, "SHARDPUSH_ROLE", &v)?;
         }
         if let Some(url) = env("SHARDPUSH_REDIS_URL") {
             config
@@ -464,6 +515,9 @@ impl Config {
                 .cluster
                 .get_or_insert_with(ClusterConfig::default)
                 .redis_url = url.clone();
+        }
+        if let Some(role) = &cli.role {
+            config.role = Role::parse("command line", "--role", role)?;
         }
         if let Some(cluster) = config.cluster.as_mut().filter(|c| c.node_id.is_empty()) {
             cluster.node_id = generated_node_id();
@@ -539,6 +593,11 @@ impl Config {
         }
         if let Some(cluster) = &self.cluster {
             cluster.validate(source)?;
+        }
+        if self.role != Role::All && self.cluster.is_none() {
+            let reason = "websocket and api are roles of a cluster node: set [cluster] redis_url \
+                          (or --redis-url)";
+            return Err(err(source, "role", reason));
         }
         if self.max_outbound_queue_bytes < 64 * 1024 {
             return Err(err(
@@ -646,6 +705,20 @@ mod tests {
 
     fn cli(args: &[&str]) -> Cli {
         Cli::parse(args.iter().map(|a| a.to_string())).unwrap()
+    }
+
+    #[test]
+    fn a_role_other_than_all_needs_a_cluster() {
+        let no_env = |_: &str| None;
+        let e = Config::load(&cli(&["--role", "api"]), &no_env).unwrap_err();
+        assert_eq!(e.key, "role");
+        let e = Config::load(&cli(&["--role", "both"]), &no_env).unwrap_err();
+        assert_eq!(e.key, "--role");
+        let args = cli(&["--role", "websocket", "--redis-url", "redis://127.0.0.1:1"]);
+        assert_eq!(Config::load(&args, &no_env).unwrap().role, Role::Websocket);
+        let env = |k: &str| (k == "SHARDPUSH_ROLE").then(|| "api".to_owned());
+        let e = Config::load(&cli(&[]), &env).unwrap_err();
+        assert_eq!(e.key, "role");
     }
 
     #[test]

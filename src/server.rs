@@ -362,7 +362,7 @@ async fn serve_new_socket(
         return;
     };
     // The HTTP path is boxed so that its state does not enlarge every WebSocket task.
-    if head.is_websocket_upgrade() && !api_only {
+    if head.is_websocket_upgrade() && !api_only && config.role.serves_websocket() {
         drop(deadline);
         websocket::run(shard, stream, head, buf).await;
     } else {

@@ -415,3 +415,58 @@ fn an_apps_connection_limit_counts_every_node() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A node of the cluster with `role`.
+fn node_with_role(redis: &Redis, role: &str) -> Server {
+    let cluster = format!(
+        "[cluster]\nredis_url = \"{}\"\nprefix = \"t\"\n",
+        redis.url()
+    );
+    let toml = config_toml(&format!("role = \"{role}\""), "", "");
+    Server::with_config(&toml.replace("\n[[apps]]", &format!("\n{cluster}\n[[apps]]")))
+}
+
+/// The status line and body of a WebSocket upgrade request.
+fn upgrade_status(server: &Server) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let request = format!(
+        "GET /app/{KEY}?protocol=7 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut response = vec![0u8; 4096];
+    let n = stream.read(&mut response).unwrap();
+    parse_response(&response[..n])
+}
+
+#[test]
+fn api_and_websocket_roles_split_the_work() {
+    let redis = Redis::start();
+    let api = node_with_role(&redis, "api");
+    let sockets = node_with_role(&redis, "websocket");
+    let mut member = sockets.connect();
+    member.subscribe_presence(ROOM, "u1", json!(null));
+    let mut news = sockets.connect();
+    news.subscribe("news");
+
+    // The API node publishes through Redis and answers from the cluster's state.
+    assert_eq!(api.trigger("news", "hello", "x").0, 200);
+    assert_eq!(news.recv_event("hello")["channel"], "news");
+    assert_eq!(users(&api, ROOM), ["u1"]);
+    assert_eq!(subscription_count(&api, "news"), 1);
+    let list = get_json(&api, &format!("/apps/{APP_ID}/channels"), &[]);
+    assert_eq!(list, json!({"channels": {"news": {}, "presence-room": {}}}));
+
+    // Each refuses the other's work with a clear answer.
+    let (status, body) = upgrade_status(&api);
+    assert_eq!(status, 404);
+    assert!(body.contains("role = api"), "{body}");
+    let (status, body) = sockets.trigger("news", "hello", "x");
+    assert_eq!(status, 404);
+    assert!(body.contains("role = websocket"), "{body}");
+    assert!(news.try_recv(QUIET).is_none());
+}

@@ -81,10 +81,23 @@ async fn route(shard: &Shard, head: &Head, body: &[u8]) -> Result<Reply, ApiErro
         });
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let node = shard.node();
+    if head.is_websocket_upgrade() {
+        let message = match node.config.role.serves_websocket() {
+            true => "This port serves the HTTP API only: connect WebSocket clients to the main port",
+            false => "This node serves the HTTP API only (role = api): connect WebSocket clients to a node with role all or websocket",
+        };
+        return Err(fail(404, message));
+    }
+    if !node.config.role.serves_api() {
+        return Err(fail(
+            404,
+            "This node serves WebSocket clients only (role = websocket): send API requests to a node with role all or api",
+        ));
+    }
     let params = parse_query(raw_query);
     // pusher-http-python signs and sends `/users/{id}/terminate_connections` without the
     // `/apps/{id}` prefix (§5.9): its app is the one whose key signed the request.
-    let node = shard.node();
     let (app, rest) = match segments.as_slice() {
         ["apps", app_id, rest @ ..] => (node.app_by_id(&percent_decode(app_id)), rest),
         rest @ ["users", _, "terminate_connections"] => (
