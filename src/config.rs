@@ -298,11 +298,13 @@ impl ClusterConfig {
                 "must be at least 1 second",
             ));
         }
-        if self.node_timeout < 2 * self.heartbeat_interval {
+        // A heartbeat keeps a node alive for node_timeout less one interval: at least two
+        // intervals, so that one late heartbeat never gets a live node taken for dead.
+        if self.node_timeout < 3 * self.heartbeat_interval {
             return Err(err(
                 source,
                 &key("node_timeout"),
-                "must be at least twice heartbeat_interval",
+                "must be at least three times heartbeat_interval",
             ));
         }
         if self.max_queued_messages == 0 {

@@ -166,7 +166,7 @@ fn a_publish_other_nodes_cannot_get_is_answered_503_not_200() {
 #[test]
 fn a_stalled_redis_is_given_up_and_subscribers_are_still_confirmed() {
     let redis = Redis::start();
-    let a = node_with(&redis, "heartbeat_interval = 1\nnode_timeout = 2");
+    let a = node_with(&redis, "heartbeat_interval = 1\nnode_timeout = 3");
     let mut first = a.connect();
     first.subscribe("before");
     // Redis stops answering without closing anything.

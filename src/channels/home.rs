@@ -32,6 +32,9 @@ pub struct HomeChannel {
     /// In a cluster, for `subscription_count` events: the other nodes' subscriber counts, once
     /// Redis has told them (None: not yet, or not needed).
     pub remote_counts: Option<AHashMap<String, u32>>,
+    /// In a cluster: the token of the latest request for this channel's view; a reply with
+    /// another (for an earlier life of the channel, or overtaken) is not taken.
+    pub sync_token: Option<u64>,
     /// When `pusher_internal:subscription_count` last went out, and whether a change since then
     /// is waiting for the throttle (busy channels get it at most every few seconds).
     pub count_sent: Option<std::time::Instant>,
@@ -56,6 +59,7 @@ impl HomeChannel {
             members: None,
             roster: None,
             remote_counts: None,
+            sync_token: None,
             count_sent: None,
             count_pending: false,
         }
@@ -138,12 +142,20 @@ impl HomeChannel {
 
     /// Takes Redis's member list (plus the local members, who may have joined since it was
     /// taken) as the roster, and returns what subscribers have to be told: members added (id,
-    /// info) and removed.
+    /// info) and removed. With `additions_only`, members missing from the list are kept.
     pub fn set_roster(
         &mut self,
         members: Vec<(String, String)>,
+        additions_only: bool,
     ) -> (Vec<(String, String)>, Vec<String>) {
         let mut roster: AHashMap<String, String> = members.into_iter().collect();
+        if additions_only {
+            for (user_id, user_info) in self.member_view() {
+                if !roster.contains_key(user_id) {
+                    roster.insert(user_id.to_owned(), user_info.to_owned());
+                }
+            }
+        }
         for (user_id, user_info) in self.local_members() {
             if !roster.contains_key(user_id) {
                 roster.insert(user_id.to_owned(), user_info.to_owned());

@@ -33,7 +33,7 @@ pub enum LinkEvent {
     Up,
     /// The link lost Redis; it keeps trying.
     Down(String),
-    /// The reply to a command sent with `command_then_event(.., token)`.
+    /// The reply to a command sent with `state_command_then_event(.., token)`.
     Reply {
         /// The token the command was sent with.
         token: u64,
@@ -75,9 +75,10 @@ impl ReplySlot {
 struct Queued {
     bytes: Vec<u8>,
     reply_to: Option<ReplyTo>,
-    /// Connection state (handshake, SUBSCRIBE, UNSUBSCRIBE), rebuilt from scratch on each
-    /// connect: unwritten ones are dropped then, so retries never pile them up and a stale
-    /// SUBSCRIBE never follows the topic set.
+    /// Connection state (handshake, SUBSCRIBE, UNSUBSCRIBE, the shard's share of the shared
+    /// state), rebuilt from scratch on each connect: unwritten ones are dropped then, so
+    /// retries never pile them up, a stale SUBSCRIBE never follows the topic set, and stale
+    /// state never follows the shard's fresh assertion.
     state: bool,
 }
 
@@ -99,6 +100,9 @@ pub struct RedisLink {
     /// Errors Redis answered to ordinary commands (logged the first time).
     command_errors: Cell<u64>,
     max_queued: usize,
+    /// A connection exists (from its setup until it fails): commands queued now go out on it.
+    connected: Cell<bool>,
+    /// The connection's handshake was answered.
     up: Cell<bool>,
     waker: RefCell<Option<Waker>>,
     /// Topics this shard wants: subscribed again on every (re)connect.
@@ -139,6 +143,7 @@ impl RedisLink {
             dead_after,
             command_errors: Cell::new(0),
             max_queued,
+            connected: Cell::new(false),
             up: Cell::new(false),
             waker: RefCell::new(None),
             topics: RefCell::new(AHashSet::new()),
@@ -156,12 +161,6 @@ impl RedisLink {
     /// command is refused rather than held without bound.
     pub fn command(&self, cmd: &redis::Cmd) -> bool {
         self.queue_command(cmd, ReplyTo::Nobody)
-    }
-
-    /// Like `command`, and its reply comes back as `LinkEvent::Reply` with `token` (unless the
-    /// link goes down first: then the shard learns it from `LinkEvent::Down`).
-    pub fn command_then_event(&self, cmd: &redis::Cmd, token: u64) -> bool {
-        self.queue_command(cmd, ReplyTo::Event(token))
     }
 
     /// Sends a command and waits for its reply. None: the link is down (nothing is queued for
@@ -182,6 +181,32 @@ impl RedisLink {
             }
         })
         .await
+    }
+
+    /// Queues a command that writes this node's share of the shared state. It belongs to the
+    /// connection: while there is none it is not queued (true: the shard asserts its whole
+    /// state when the link is up again), and what is still unwritten when a connection fails is
+    /// dropped, so an outage never replays stale state over the fresh assertion. False: the
+    /// queue is full.
+    pub fn state_command(&self, cmd: &redis::Cmd) -> bool {
+        if !self.connected.get() {
+            return true;
+        }
+        self.queue_state(cmd, ReplyTo::Nobody)
+    }
+
+    /// Like `state_command`, and its reply comes back as `LinkEvent::Reply` with `token`. False:
+    /// not queued (no connection, or the queue is full), so no reply will come.
+    pub fn state_command_then_event(&self, cmd: &redis::Cmd, token: u64) -> bool {
+        self.connected.get() && self.queue_state(cmd, ReplyTo::Event(token))
+    }
+
+    fn queue_state(&self, cmd: &redis::Cmd, reply_to: ReplyTo) -> bool {
+        if self.queue.borrow().len() >= self.max_queued {
+            return false;
+        }
+        self.push(cmd, Some(reply_to), true);
+        true
     }
 
     fn queue_command(&self, cmd: &redis::Cmd, reply_to: ReplyTo) -> bool {
@@ -208,7 +233,9 @@ impl RedisLink {
     /// Subscribes to `topic` (now if connected, else on connect); `LinkEvent::Subscribed`
     /// follows once Redis has it.
     pub fn subscribe(&self, topic: &[u8]) {
-        if self.topics.borrow_mut().insert(topic.to_vec()) && self.up.get() {
+        // On a connection whose handshake is still unanswered too: its SUBSCRIBEs were taken
+        // from `topics` when it was set up, so a topic added since must be sent now.
+        if self.topics.borrow_mut().insert(topic.to_vec()) && self.connected.get() {
             *self
                 .unconfirmed
                 .borrow_mut()
@@ -225,7 +252,7 @@ impl RedisLink {
 
     /// Unsubscribes from `topic`.
     pub fn unsubscribe(&self, topic: &[u8]) {
-        if self.topics.borrow_mut().remove(topic) && self.up.get() {
+        if self.topics.borrow_mut().remove(topic) && self.connected.get() {
             self.push(redis::cmd("UNSUBSCRIBE").arg(topic), None, true);
         }
     }
@@ -299,6 +326,7 @@ impl RedisLink {
         for q in first.into_iter().rev() {
             queue.push_front(q);
         }
+        self.connected.set(true);
         Ok(stream)
     }
 
@@ -316,6 +344,7 @@ impl RedisLink {
     /// gone with the connection, and so is anything queued for a caller who waits.
     fn went_down(&self) {
         self.up.set(false);
+        self.connected.set(false);
         self.written.set(0);
         let lost = std::mem::take(&mut *self.replies_due.borrow_mut());
         let unsent: VecDeque<Queued> = {

@@ -196,7 +196,7 @@ return {payload, redis.call('PTTL', ARGV[1] .. ':cache')}
 /// ARGV: topic. Returns the channel's subscription count and number of distinct users.
 const CHANNEL_STATS: &str = r#"
 local total = 0
-for _, v in ipairs(redis.call('HVALS', ARGV[1] .. ':subs')) do total = total + tonumber(v) end
+for _, v in ipairs(redis.call('HVALS', ARGV[1] .. ':subs')) do total = total + (tonumber(v) or 0) end
 return {total, #members(ARGV[1]) / 2}
 "#;
 
@@ -218,7 +218,7 @@ for _, n in ipairs(redis.call('ZRANGE', prefix .. ':nodes', 0, -1)) do
       seen[ac[2]] = true
       local topic = prefix .. ':{' .. app .. ':' .. ac[2] .. '}'
       local total = 0
-      for _, v in ipairs(redis.call('HVALS', topic .. ':subs')) do total = total + tonumber(v) end
+      for _, v in ipairs(redis.call('HVALS', topic .. ':subs')) do total = total + (tonumber(v) or 0) end
       if total > 0 then
         out[#out + 1] = ac[2]
         out[#out + 1] = total
@@ -339,19 +339,16 @@ impl State {
         subs.extend_from_slice(b":subs");
         let entry = Self::entry(app_id, channel);
         let mut cmds = Vec::with_capacity(2);
+        // The index first and last: a node killed between two writes never leaves a count or
+        // a member that the survivors cannot find through its index.
+        let owner = &self.owner;
         if count > 0 {
-            cmds.push(
-                redis::cmd("HSET")
-                    .arg(subs)
-                    .arg(&self.owner)
-                    .arg(count)
-                    .clone(),
-            );
             if first {
                 cmds.push(redis::cmd("SADD").arg(self.index()).arg(entry).clone());
             }
+            cmds.push(redis::cmd("HSET").arg(subs).arg(owner).arg(count).clone());
         } else {
-            cmds.push(redis::cmd("HDEL").arg(subs).arg(&self.owner).clone());
+            cmds.push(redis::cmd("HDEL").arg(subs).arg(owner).clone());
             cmds.push(redis::cmd("SREM").arg(self.index()).arg(entry).clone());
         }
         cmds
@@ -508,7 +505,7 @@ pub fn decode_change(payload: &[u8]) -> Option<StateChange> {
         fields.next()?,
     );
     let change = match (kind.as_str(), fields.next()) {
-        ("added", Some(user_info)) => Change::Added {
+        ("added", Some(user_info)) if is_json(&user_info) => Change::Added {
             user_id: subject,
             user_info,
         },
@@ -543,18 +540,30 @@ fn number(value: &Value) -> Option<u32> {
     }
 }
 
-/// Every member (user id, info) from a `sync` or `members` reply.
+/// A user info from Redis goes into frames as it is: it must be one JSON value.
+fn is_json(text: &str) -> bool {
+    let depth = crate::protocol::json::MAX_JSON_DEPTH;
+    crate::protocol::json::check_depth(text.as_bytes(), depth).is_ok()
+        && sonic_rs::from_str::<sonic_rs::Value>(text).is_ok()
+}
+
+/// Every member (user id, info) from a `sync` or `members` reply; a member whose info is not
+/// JSON is left out.
 pub fn members_of(reply: &Value) -> Option<Vec<(String, String)>> {
     let Value::Array(items) = reply else {
         return None;
     };
-    items
-        .chunks(2)
-        .map(|pair| match pair {
-            [user, info] => Some((text(user)?, text(info)?)),
-            _ => None,
-        })
-        .collect()
+    let pairs = items.chunks(2).map(|pair| match pair {
+        [user, info] => Some((text(user)?, text(info)?)),
+        _ => None,
+    });
+    let members: Option<Vec<_>> = pairs.collect();
+    Some(
+        members?
+            .into_iter()
+            .filter(|(_, info)| is_json(info))
+            .collect(),
+    )
 }
 
 /// Each node's (owner's) count, from a `counts` reply (a RESP3 map) or a script's flat list.
@@ -685,6 +694,7 @@ mod tests {
             &br#"SPJ["removed","7","presence-a"]"#[..],
             br#"SPJ["removed","7","presence-a","u","x"]"#,
             br#"SPJ["added","7","presence-a","u"]"#,
+            br#"SPJ["added","7","presence-a","u","{not json"]"#,
             br#"SPJ["other","7","presence-a","u"]"#,
             br#"SPJ["count","7","news","n/1","-1"]"#,
             br#"SPJ["count","7","news","n/1"]"#,

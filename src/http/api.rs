@@ -520,14 +520,20 @@ async fn trigger(
 ) -> Result<Reply, ApiError> {
     let event = parse_events(shard.node(), config, body, false)?.remove(0);
     shard.backpressure().await;
+    // The attributes are read first (an event does not change them): when they cannot be
+    // given (a cluster without Redis), the 503 comes before anything is published, so a
+    // retry never delivers the event twice.
+    let channels = match event.info.requested {
+        true => Some(channel_attributes(shard, app, &event.channels, event.info).await?),
+        false => None,
+    };
     publish(shard, app, std::slice::from_ref(&event)).await?;
-    if !event.info.requested {
-        return Ok(ok(&Empty {}));
+    match channels {
+        Some(channels) => Ok(ok(&ChannelsBody {
+            channels: ByName(&channels),
+        })),
+        None => Ok(ok(&Empty {})),
     }
-    let channels = channel_attributes(shard, app, &event.channels, event.info).await?;
-    Ok(ok(&ChannelsBody {
-        channels: ByName(&channels),
-    }))
 }
 
 async fn batch(
@@ -542,18 +548,21 @@ async fn batch(
     }
     let events = parse_events(shard.node(), config, body, true)?;
     shard.backpressure().await;
+    // Attributes first, as in `trigger`.
+    let mut batch = Vec::new();
+    if events.iter().any(|e| e.info.requested) {
+        for event in &events {
+            let channel = &event.channels[0];
+            let stats = shard.channel_stats(ChannelKey::new(app, channel)).await?;
+            let presence = ChannelKind::of(channel) == ChannelKind::Presence;
+            batch.push(ChannelAttributes::of(&stats, event.info, presence));
+        }
+    }
     publish(shard, app, &events).await?;
-    if events.iter().all(|e| !e.info.requested) {
-        return Ok(ok(&Empty {}));
+    match batch.is_empty() {
+        true => Ok(ok(&Empty {})),
+        false => Ok(ok(&BatchBody { batch })),
     }
-    let mut batch = Vec::with_capacity(events.len());
-    for event in &events {
-        let channel = &event.channels[0];
-        let stats = shard.channel_stats(ChannelKey::new(app, channel)).await?;
-        let presence = ChannelKind::of(channel) == ChannelKind::Presence;
-        batch.push(ChannelAttributes::of(&stats, event.info, presence));
-    }
-    Ok(ok(&BatchBody { batch }))
 }
 
 async fn list_channels(shard: &Shard, app: u32, params: &Params) -> Result<Reply, ApiError> {

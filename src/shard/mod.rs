@@ -25,6 +25,7 @@ pub mod messages;
 mod node;
 mod queries;
 mod remote;
+mod share;
 mod sweeper;
 pub mod users;
 
@@ -72,7 +73,10 @@ pub struct Shard {
     /// reported that the other nodes could not be told.
     open_tickets: RefCell<AHashMap<u64, bool>>,
     /// Presence channels whose member list was asked of Redis, by the token of the reply.
-    syncs: RefCell<AHashMap<u64, ChannelKey>>,
+    syncs: RefCell<AHashMap<u64, (ChannelKey, share::SyncKind)>>,
+    /// Presence channels whose member lists are asked of Redis again once every node has had
+    /// time to reassert its members (after the link came back), with when.
+    reconciles: RefCell<Vec<(Instant, ChannelKey)>>,
     /// Watched users whose nodes were asked of Redis, by the token of the reply.
     user_asks: RefCell<AHashMap<u64, ChannelKey>>,
     /// Joins of cache channels waiting for the last event from Redis, by the token of the reply.
@@ -123,6 +127,7 @@ impl Shard {
             }),
             awaiting_subscription: RefCell::new(AHashMap::new()),
             syncs: RefCell::new(AHashMap::new()),
+            reconciles: RefCell::new(Vec::new()),
             user_asks: RefCell::new(AHashMap::new()),
             cache_asks: RefCell::new(AHashMap::new()),
             cluster_state_stale: Cell::new(false),
