@@ -188,7 +188,9 @@ fn a_killed_nodes_members_and_counts_disappear_within_the_node_timeout() {
     );
     // A node's later subscribers are confirmed without waiting for Redis: their counts follow
     // within a round trip.
-    eventually("3 news subscribers", || subscription_count(&survivor, "news") == 3);
+    eventually("3 news subscribers", || {
+        subscription_count(&survivor, "news") == 3
+    });
 
     let killed = Instant::now();
     drop(doomed); // SIGKILL

@@ -4,6 +4,7 @@
 mod cycles;
 mod measure;
 mod net;
+mod node_death;
 mod pusher;
 mod soak;
 mod subscribers;
@@ -38,6 +39,9 @@ enum Workload {
     /// Everything at once for a bounded time (churn, publishes, presence, client events, hostile
     /// clients): loss, errors, hostile outcomes, and the server's RSS and CPU over time.
     Soak(soak::SoakArgs),
+    /// A cluster node killed with presence members on it: time until the survivors announce
+    /// every departure.
+    NodeDeath(node_death::NodeDeathArgs),
     /// (internal) a subscriber process of another run.
     #[command(hide = true)]
     Subscribers(ChildArgs),
@@ -64,6 +68,13 @@ pub struct Target {
     /// in turn (publishes still go to `--port`).
     #[arg(long, value_delimiter = ',')]
     pub node_ports: Vec<u16>,
+    /// Publish through every node (`--port` and `--node-ports`) in turn, not only `--port`.
+    #[arg(long)]
+    pub publish_all_nodes: bool,
+    /// Each channel's subscribers all on one node (channel c on node c % nodes), instead of
+    /// every channel's subscribers spread over all the nodes.
+    #[arg(long)]
+    pub channel_per_node: bool,
     /// More processes whose CPU and memory count as the server's (the other nodes, redis-server).
     #[arg(long, value_delimiter = ',')]
     pub node_pids: Vec<u32>,
@@ -88,6 +99,13 @@ pub struct Target {
 impl Target {
     pub fn addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.host, self.port)
+    }
+
+    /// `--port` and then every `--node-ports`.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.port];
+        ports.extend(&self.node_ports);
+        ports
     }
 
     pub fn app(&self) -> pusher::App {
@@ -185,6 +203,10 @@ fn main() {
         Workload::Soak(a) => {
             check(&a.target);
             soak::soak(&a)
+        }
+        Workload::NodeDeath(a) => {
+            check(&a.target);
+            node_death::node_death(&a)
         }
         Workload::Subscribers(a) => {
             check(&a.target);

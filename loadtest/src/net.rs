@@ -202,6 +202,8 @@ fn send_pending(fd: RawFd, out: &mut Vec<u8>) {
 /// A keep-alive HTTP/1.1 client socket with at most one request in flight.
 pub struct Http {
     pub fd: RawFd,
+    /// The server this connection talks to (a cluster's publisher spreads over its nodes).
+    target: SocketAddrV4,
     pub busy: bool,
     pub sent_at: u64,
     inbuf: Vec<u8>,
@@ -210,9 +212,10 @@ pub struct Http {
 }
 
 impl Http {
-    fn new(fd: RawFd) -> Http {
+    fn new(fd: RawFd, target: SocketAddrV4) -> Http {
         Http {
             fd,
+            target,
             busy: false,
             sent_at: 0,
             inbuf: Vec::new(),
@@ -343,10 +346,10 @@ impl Pool {
         self.free.push(idx);
     }
 
-    /// Opens a keep-alive HTTP connection to the target from 127.0.0.1.
-    pub fn open_http(&mut self) -> io::Result<usize> {
-        let fd = connect_from(Ipv4Addr::LOCALHOST, self.target)?;
-        self.http.push(Http::new(fd));
+    /// Opens a keep-alive HTTP connection to `target` from 127.0.0.1.
+    pub fn open_http_to(&mut self, target: SocketAddrV4) -> io::Result<usize> {
+        let fd = connect_from(Ipv4Addr::LOCALHOST, target)?;
+        self.http.push(Http::new(fd, target));
         let idx = self.http.len() - 1;
         self.register(fd, HTTP_TOKEN | idx as u64);
         Ok(idx)
@@ -354,8 +357,9 @@ impl Pool {
 
     /// Replaces a closed HTTP connection (servers may answer `Connection: close`).
     pub fn reopen_http(&mut self, idx: usize) -> io::Result<()> {
-        let fd = connect_from(Ipv4Addr::LOCALHOST, self.target)?;
-        let old = std::mem::replace(&mut self.http[idx], Http::new(fd));
+        let target = self.http[idx].target;
+        let fd = connect_from(Ipv4Addr::LOCALHOST, target)?;
+        let old = std::mem::replace(&mut self.http[idx], Http::new(fd, target));
         // SAFETY: closes the replaced connection's descriptor, which the pool owned.
         unsafe { libc::close(old.fd) };
         self.register(fd, HTTP_TOKEN | idx as u64);

@@ -24,6 +24,23 @@ pub struct Share {
     pub channels: usize,
     #[arg(long, default_value = "load-")]
     pub channel_prefix: String,
+    /// With `--channel-per-node`: the cluster's node count (0: every channel on every node).
+    #[arg(long, default_value_t = 0)]
+    pub nodes: usize,
+    /// This process's node (its index among `--port` and `--node-ports`).
+    #[arg(long, default_value_t = 0)]
+    pub node_index: usize,
+}
+
+/// The channel of global connection `g`: `g % channels`, or with `nodes` only the channels
+/// of this process's node (c % nodes == node_index), in turn.
+pub fn channel_of(g: usize, share: &Share) -> usize {
+    if share.nodes == 0 || share.channels < share.nodes {
+        return g % share.channels;
+    }
+    let k = share.node_index % share.nodes;
+    let on_node = (share.channels - k).div_ceil(share.nodes);
+    k + share.nodes * (g % on_node)
 }
 
 pub fn channel_name(prefix: &str, c: usize) -> String {
@@ -50,7 +67,7 @@ pub fn open_and_subscribe(
         while next < share.count && pool.opening < concurrency {
             let global = share.start + next;
             if pool
-                .open_ws((global % share.channels) as u32, now_ns())
+                .open_ws(channel_of(global, share) as u32, now_ns())
                 .is_none()
             {
                 failed += 1;
@@ -172,6 +189,7 @@ impl Children {
         let mut children = Vec::new();
         for k in 0..procs {
             let start = count * k / procs;
+            let node_index = (k % ports.len()).to_string();
             let end = count * (k + 1) / procs;
             let mut args = base_args.to_vec();
             if let Some(i) = args.iter().position(|a| a == "--port") {
@@ -190,6 +208,7 @@ impl Children {
                     &(end - start).to_string(),
                 ])
                 .args(["--source-base", &(source_base + 2 * k as u32).to_string()])
+                .args(["--node-index", &node_index])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -302,5 +321,32 @@ impl Children {
             let _ = child.wait();
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(nodes: usize, node_index: usize) -> Share {
+        Share {
+            start: 0,
+            count: 0,
+            channels: 10,
+            channel_prefix: String::new(),
+            nodes,
+            node_index,
+        }
+    }
+
+    #[test]
+    fn channels_stay_on_their_node_or_spread_over_all() {
+        let spread: Vec<usize> = (0..12).map(|g| channel_of(g, &share(0, 1))).collect();
+        assert_eq!(spread, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
+        // 10 channels on 3 nodes: node 1 has channels 1, 4, 7.
+        let on_node: Vec<usize> = (0..5).map(|g| channel_of(g, &share(3, 1))).collect();
+        assert_eq!(on_node, [1, 4, 7, 1, 4]);
+        let node0: Vec<usize> = (0..5).map(|g| channel_of(g, &share(3, 0))).collect();
+        assert_eq!(node0, [0, 3, 6, 9, 0]);
     }
 }

@@ -60,11 +60,39 @@ fn spawn_subscribers(
         "--channel-prefix".into(),
         prefix.to_owned(),
     ]);
-    let mut ports = vec![target.port];
-    ports.extend(&target.node_ports);
+    if target.channel_per_node {
+        args.extend(["--nodes".into(), (target.node_ports.len() + 1).to_string()]);
+    }
+    let ports = target.ports();
     // At least one subscriber process per node, the same number on each.
     let procs = procs_for(count, procs).div_ceil(ports.len()) * ports.len();
     Children::spawn(&args, count, procs, target.source_base, &ports)
+}
+
+/// Subscribers of each channel, as `spawn_subscribers` places them (see `subscribers::channel_of`).
+fn subscribers_per_channel(
+    target: &Target,
+    count: usize,
+    channels: usize,
+    procs: usize,
+) -> Vec<u64> {
+    let nodes = target.node_ports.len() + 1;
+    let procs = procs_for(count, procs).div_ceil(nodes) * nodes;
+    let mut per_channel = vec![0u64; channels];
+    for k in 0..procs {
+        let share = crate::subscribers::Share {
+            start: count * k / procs,
+            count: count * (k + 1) / procs - count * k / procs,
+            channels,
+            channel_prefix: String::new(),
+            nodes: if target.channel_per_node { nodes } else { 0 },
+            node_index: k % nodes,
+        };
+        for g in share.start..share.start + share.count {
+            per_channel[crate::subscribers::channel_of(g, &share)] += 1;
+        }
+    }
+    per_channel
 }
 
 #[derive(Args, Clone, Debug)]
@@ -151,11 +179,18 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    /// Opens `conns` connections; exits the process when the server cannot be reached.
+    /// Opens `conns` connections (spread over the nodes with `--publish-all-nodes`); exits
+    /// the process when the server cannot be reached.
     pub(crate) fn open(t: &Target, conns: usize) -> Publisher {
         let mut pool = Pool::new(t.addr(), Vec::new(), t.source_base);
-        for _ in 0..conns {
-            if let Err(e) = pool.open_http() {
+        let ports = match t.publish_all_nodes {
+            true => t.ports(),
+            false => vec![t.port],
+        };
+        let conns = conns.max(ports.len());
+        for i in 0..conns {
+            let to = std::net::SocketAddrV4::new(t.host, ports[i % ports.len()]);
+            if let Err(e) = pool.open_http_to(to) {
                 eprintln!("loadtest: cannot open a publisher connection: {e}");
                 std::process::exit(1);
             }
@@ -343,10 +378,7 @@ pub fn fanout(a: &FanoutArgs) {
     let mut children = spawn_subscribers(t, a.subscribers, a.channels, &a.channel_prefix, a.procs);
     let ready = children.wait_ready(t.timeout());
     let pids = children.pids();
-    // Subscribers per channel: connection g is on channel g % channels.
-    let per_channel: Vec<u64> = (0..a.channels)
-        .map(|c| ((a.subscribers + a.channels - 1 - c) / a.channels) as u64)
-        .collect();
+    let per_channel = subscribers_per_channel(t, a.subscribers, a.channels, a.procs);
     let mut publisher = Publisher::open(t, a.http_conns);
     let channels: Vec<String> = (0..a.channels)
         .map(|c| channel_name(&a.channel_prefix, c))
