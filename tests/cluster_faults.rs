@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use shardpush::channels::ChannelKey;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -110,42 +110,7 @@ impl Proxy {
 }
 
 fn node_at(url: &str, extra: &str) -> Server {
-    let top = format!("[cluster]\nredis_url = \"{url}\"\nprefix = \"t\"\n{extra}");
-    Server::with_config(
-        &config_toml("", "", "").replace("\n[[apps]]", &format!("\n{top}\n[[apps]]")),
-    )
-}
-
-fn member_event(client: &mut Client, wait: Duration) -> Option<(String, String)> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = client.try_recv(left)?;
-        let event = m["event"].as_str().unwrap_or_default();
-        if let Some(kind) = event.strip_prefix("pusher_internal:member_") {
-            let user = data_of(&m)["user_id"].as_str().unwrap().to_owned();
-            return Some((kind.to_owned(), user));
-        }
-    }
-}
-
-fn users(server: &Server, channel: &str) -> Vec<String> {
-    let (status, body) = server.api(
-        "GET",
-        &format!("/apps/{APP_ID}/channels/{channel}/users"),
-        &[],
-        "",
-    );
-    assert_eq!(status, 200, "{body}");
-    let body: Value = serde_json::from_str(&body).unwrap();
-    let mut ids: Vec<String> = body["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["id"].as_str().unwrap().to_owned())
-        .collect();
-    ids.sort();
-    ids
+    Server::with_config(&cluster_toml(url, "", extra, ""))
 }
 
 /// A channel name with the given prefix whose home is `shard` (of 2).
@@ -181,7 +146,7 @@ fn a_topic_subscribed_before_the_handshake_is_answered_is_subscribed() {
     let b = node_at(&redis.url(), "");
     let mut other = b.connect();
     other.subscribe_presence("presence-room", "u2", json!(null));
-    let event = member_event(&mut watcher, Duration::from_secs(3));
+    let event = next_member_event(&mut watcher, Duration::from_secs(3));
     assert_eq!(event, Some(("added".to_owned(), "u2".to_owned())));
     assert_eq!(redis.subscribers("t:{test-id:news}"), 1, "node A's topic");
     assert_eq!(
@@ -205,7 +170,7 @@ fn a_node_taken_for_dead_while_one_link_was_away_reasserts_every_shard() {
     on_a.subscribe_presence(&room, "ua", json!(null));
     let mut watcher = b.connect();
     watcher.subscribe_presence(&room, "w", json!(null));
-    assert_eq!(users(&b, &room), ["ua", "w"]);
+    assert_eq!(presence_users(&b, &room), ["ua", "w"]);
     // Find shard 0's connection: the one that sent the periodic heartbeat most recently.
     std::thread::sleep(Duration::from_millis(2500));
     {
@@ -224,13 +189,13 @@ fn a_node_taken_for_dead_while_one_link_was_away_reasserts_every_shard() {
     }
     // B reaps A (its registration lives 2 s); ua is removed on B.
     assert_eq!(
-        member_event(&mut watcher, Duration::from_secs(6)),
+        next_member_event(&mut watcher, Duration::from_secs(6)),
         Some(("removed".to_owned(), "ua".to_owned()))
     );
     proxy.refuse.store(false, Ordering::SeqCst);
     // Shard 0 reconnects; ua is still connected to A: it must come back on B.
-    let event = member_event(&mut watcher, Duration::from_secs(8));
-    let now = users(&b, &room);
+    let event = next_member_event(&mut watcher, Duration::from_secs(8));
+    let now = presence_users(&b, &room);
     assert_eq!(
         (event, now),
         (
@@ -254,7 +219,7 @@ fn redis_restarted_empty_makes_no_member_flap() {
     let mut on_b = b.connect();
     on_b.subscribe_presence("presence-room", "u2", json!(null));
     assert_eq!(
-        member_event(&mut on_a, Duration::from_secs(5)),
+        next_member_event(&mut on_a, Duration::from_secs(5)),
         Some(("added".to_owned(), "u2".to_owned()))
     );
     redis.stop();
@@ -262,7 +227,7 @@ fn redis_restarted_empty_makes_no_member_flap() {
     let _redis = Redis::start_on(port);
     // Nobody left or joined: no presence event may reach either client (reconciliation runs
     // about two heartbeat intervals after the links are back).
-    let seen_a = member_event(&mut on_a, Duration::from_secs(8));
-    let seen_b = member_event(&mut on_b, Duration::from_millis(100));
+    let seen_a = next_member_event(&mut on_a, Duration::from_secs(8));
+    let seen_b = next_member_event(&mut on_b, Duration::from_millis(100));
     assert_eq!((seen_a, seen_b), (None, None));
 }

@@ -34,42 +34,6 @@ fn ids_of(succeeded: &Value) -> Vec<String> {
     ids
 }
 
-/// The next presence event of a client (`member_added` or `member_removed`) as (event, user).
-fn next_member_event(client: &mut Client, wait: Duration) -> Option<(String, String)> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = client.try_recv(left)?;
-        let event = m["event"].as_str().unwrap_or_default();
-        if let Some(kind) = event.strip_prefix("pusher_internal:member_") {
-            let user = data_of(&m)["user_id"].as_str().unwrap().to_owned();
-            return Some((kind.to_owned(), user));
-        }
-    }
-}
-
-fn get_json(server: &Server, path: &str, params: &[(&str, &str)]) -> Value {
-    let (status, body) = server.api("GET", path, params, "");
-    assert_eq!(status, 200, "{path}: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn users(server: &Server, channel: &str) -> Vec<String> {
-    let body = get_json(
-        server,
-        &format!("/apps/{APP_ID}/channels/{channel}/users"),
-        &[],
-    );
-    let mut ids: Vec<String> = body["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["id"].as_str().unwrap().to_owned())
-        .collect();
-    ids.sort();
-    ids
-}
-
 fn subscription_count(server: &Server, channel: &str) -> u64 {
     let path = format!("/apps/{APP_ID}/channels/{channel}");
     let body = get_json(server, &path, &[("info", "subscription_count")]);
@@ -103,7 +67,7 @@ fn presence_has_one_member_per_user_across_nodes_with_exact_events() {
     }
     for n in &nodes {
         assert_eq!(
-            users(n, ROOM),
+            presence_users(n, ROOM),
             ["u1", "u2"],
             "the same users from every node"
         );
@@ -117,7 +81,7 @@ fn presence_has_one_member_per_user_across_nodes_with_exact_events() {
     assert_eq!(next_member_event(&mut b, Duration::from_secs(5)), removed);
     assert_eq!(next_member_event(&mut b, QUIET), None);
     eventually("u1 is gone on every node", || {
-        nodes.iter().all(|n| users(n, ROOM) == ["u2"])
+        nodes.iter().all(|n| presence_users(n, ROOM) == ["u2"])
     });
 }
 
@@ -204,7 +168,7 @@ fn a_killed_nodes_members_and_counts_disappear_within_the_node_timeout() {
     );
     // The user still connected to the survivor stays, with no event.
     assert_eq!(next_member_event(&mut watcher, QUIET), None);
-    assert_eq!(users(&survivor, ROOM), ["stays"]);
+    assert_eq!(presence_users(&survivor, ROOM), ["stays"]);
     assert_eq!(subscription_count(&survivor, "news"), 1);
 }
 
@@ -228,7 +192,7 @@ fn a_node_restarted_under_its_id_inherits_no_ghosts() {
     unsafe { libc::kill(first.pid() as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
-        users(&other, ROOM),
+        presence_users(&other, ROOM),
         ["ghost", "watcher"],
         "a ghost until noticed"
     );
@@ -238,7 +202,7 @@ fn a_node_restarted_under_its_id_inherits_no_ghosts() {
         next_member_event(&mut watcher, Duration::from_secs(10)),
         removed
     );
-    assert_eq!(users(&again, ROOM), ["watcher"]);
+    assert_eq!(presence_users(&again, ROOM), ["watcher"]);
     assert_eq!(subscription_count(&other, "news"), 0);
     drop(first);
 }
@@ -285,7 +249,9 @@ fn redis_restarted_empty_is_rebuilt_and_members_catch_up() {
     assert_eq!(next_member_event(&mut on_a, QUIET), None);
     eventually("the state is rebuilt", || {
         let (status, _) = a.api("GET", &path, &[("info", "subscription_count")], "");
-        status == 200 && subscription_count(&a, "news") == 1 && users(&a, ROOM) == ["u1", "u3"]
+        status == 200
+            && subscription_count(&a, "news") == 1
+            && presence_users(&a, ROOM) == ["u1", "u3"]
     });
 }
 
@@ -422,12 +388,8 @@ fn an_apps_connection_limit_counts_every_node() {
 
 /// A node of the cluster with `role`.
 fn node_with_role(redis: &Redis, role: &str) -> Server {
-    let cluster = format!(
-        "[cluster]\nredis_url = \"{}\"\nprefix = \"t\"\n",
-        redis.url()
-    );
-    let toml = config_toml(&format!("role = \"{role}\""), "", "");
-    Server::with_config(&toml.replace("\n[[apps]]", &format!("\n{cluster}\n[[apps]]")))
+    let top = format!("role = \"{role}\"");
+    Server::with_config(&cluster_toml(&redis.url(), &top, "", ""))
 }
 
 /// The status line and body of a WebSocket upgrade request.
@@ -460,7 +422,7 @@ fn api_and_websocket_roles_split_the_work() {
     // The API node publishes through Redis and answers from the cluster's state.
     assert_eq!(api.trigger("news", "hello", "x").0, 200);
     assert_eq!(news.recv_event("hello")["channel"], "news");
-    assert_eq!(users(&api, ROOM), ["u1"]);
+    assert_eq!(presence_users(&api, ROOM), ["u1"]);
     assert_eq!(subscription_count(&api, "news"), 1);
     let list = get_json(&api, &format!("/apps/{APP_ID}/channels"), &[]);
     assert_eq!(list, json!({"channels": {"news": {}, "presence-room": {}}}));

@@ -450,14 +450,53 @@ pub fn data_of(m: &serde_json::Value) -> serde_json::Value {
 /// A node of a cluster on `redis` (prefix `t`), with more `[cluster]` keys in `cluster_extra`
 /// and more keys of the test app in `app_extra`.
 pub fn cluster_node(redis: &Redis, cluster_extra: &str, app_extra: &str) -> Server {
-    let top = format!(
-        "[cluster]\nredis_url = \"{}\"\nprefix = \"t\"\n{cluster_extra}",
-        redis.url()
-    );
+    Server::with_config(&cluster_toml(&redis.url(), "", cluster_extra, app_extra))
+}
+
+/// The configuration of a cluster node on the Redis at `url` (prefix `t`): `top` keys first,
+/// then `[cluster]` with `cluster_extra`, then the test app with `app_extra`.
+pub fn cluster_toml(url: &str, top: &str, cluster_extra: &str, app_extra: &str) -> String {
+    let cluster = format!("[cluster]\nredis_url = \"{url}\"\nprefix = \"t\"\n{cluster_extra}");
     // `[cluster]` must follow the top-level keys and precede the apps.
-    Server::with_config(
-        &config_toml("", app_extra, "").replace("\n[[apps]]", &format!("\n{top}\n[[apps]]")),
-    )
+    config_toml(top, app_extra, "").replace("\n[[apps]]", &format!("\n{cluster}\n[[apps]]"))
+}
+
+/// The next presence event of a client (`member_added` or `member_removed`) as (kind, user).
+pub fn next_member_event(client: &mut Client, wait: Duration) -> Option<(String, String)> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = client.try_recv(left)?;
+        let event = m["event"].as_str().unwrap_or_default();
+        if let Some(kind) = event.strip_prefix("pusher_internal:member_") {
+            let user = data_of(&m)["user_id"].as_str().unwrap().to_owned();
+            return Some((kind.to_owned(), user));
+        }
+    }
+}
+
+/// A signed GET of the API that must answer 200, as JSON.
+pub fn get_json(server: &Server, path: &str, params: &[(&str, &str)]) -> serde_json::Value {
+    let (status, body) = server.api("GET", path, params, "");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The user ids of a presence channel from the API, sorted.
+pub fn presence_users(server: &Server, channel: &str) -> Vec<String> {
+    let body = get_json(
+        server,
+        &format!("/apps/{APP_ID}/channels/{channel}/users"),
+        &[],
+    );
+    let mut ids: Vec<String> = body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// Waits until `check` holds (a cluster converges asynchronously), or fails after 10 s.

@@ -11,6 +11,7 @@ const os = require('node:os');
 const path = require('node:path');
 const PusherClient = require('pusher-js');
 const PusherServer = require('pusher');
+const { startShardpush } = require('./server');
 
 const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
 
@@ -43,28 +44,12 @@ async function startRedis() {
 }
 
 function startNode(redisPort) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'shardpush-e2e-cluster-'));
-  const config = path.join(dir, 'config.toml');
-  fs.writeFileSync(config, [
+  return startShardpush([
     'host = "127.0.0.1"', 'port = 0', 'shards = 2',
     '[cluster]', `redis_url = "redis://127.0.0.1:${redisPort}"`, 'prefix = "e2e"',
     '[[apps]]', `id = "${APP.appId}"`, `key = "${APP.key}"`, `secret = "${APP.secret}"`,
     'enable_client_messages = true', 'enable_watchlist_events = true', 'enable_subscription_count = true', '',
   ].join('\n'));
-  const bin = process.env.SHARDPUSH_BIN || path.join(__dirname, '../../target/debug/shardpush');
-  const child = spawn(bin, ['--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
-  return new Promise((resolve, reject) => {
-    let out = '';
-    child.stdout.on('data', (chunk) => {
-      out += chunk;
-      const m = out.match(/listening on [^\s]+:(\d+)/);
-      if (m && !child.port) {
-        child.port = Number(m[1]);
-        resolve(child);
-      }
-    });
-    child.on('exit', (code) => reject(new Error(`shardpush exited with ${code}`)));
-  });
 }
 
 let redis;

@@ -13,27 +13,12 @@ const PusherClient = require('pusher-js');
 // Node build given that option.
 const nacl = require('tweetnacl');
 const PusherServer = require('pusher');
+const { startShardpush } = require('./server');
 
 const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
 
 function startServer() {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'shardpush-e2e-'));
-  const config = path.join(dir, 'config.toml');
-  fs.writeFileSync(config, `host = "127.0.0.1"\nport = 0\nshards = 2\n[[apps]]\nid = "${APP.appId}"\nkey = "${APP.key}"\nsecret = "${APP.secret}"\nenable_client_messages = true\nenable_watchlist_events = true\nenable_subscription_count = true\n`);
-  const bin = process.env.SHARDPUSH_BIN || path.join(__dirname, '../../target/debug/shardpush');
-  const child = spawn(bin, ['--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
-  return new Promise((resolve, reject) => {
-    let out = '';
-    child.stdout.on('data', (chunk) => {
-      out += chunk;
-      const m = out.match(/listening on [^\s]+:(\d+)/);
-      if (m && !child.port) {
-        child.port = Number(m[1]);
-        resolve(child);
-      }
-    });
-    child.on('exit', (code) => reject(new Error(`shardpush exited with ${code}`)));
-  });
+  return startShardpush(`host = "127.0.0.1"\nport = 0\nshards = 2\n[[apps]]\nid = "${APP.appId}"\nkey = "${APP.key}"\nsecret = "${APP.secret}"\nenable_client_messages = true\nenable_watchlist_events = true\nenable_subscription_count = true\n`);
 }
 
 let server;
