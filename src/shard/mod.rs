@@ -81,7 +81,7 @@ pub struct Shard {
     user_asks: RefCell<AHashMap<u64, ChannelKey>>,
     /// Joins of cache channels waiting for the last event from Redis, by the token of the reply.
     cache_asks: RefCell<AHashMap<u64, home::Announcement>>,
-        /// A heartbeat this shard sent was answered (a later answer that the node is unknown means
+    /// A heartbeat this shard sent was answered (a later answer that the node is unknown means
     /// it was taken for dead meanwhile; per shard, because each link's answers come in order).
     heartbeat_answered: Cell<bool>,
     /// A state command could not be queued: Redis is behind this node until it asserts its
@@ -133,7 +133,7 @@ impl Shard {
             reconciles: RefCell::new(Vec::new()),
             user_asks: RefCell::new(AHashMap::new()),
             cache_asks: RefCell::new(AHashMap::new()),
-                        cluster_state_stale: Cell::new(false),
+            cluster_state_stale: Cell::new(false),
             heartbeat_answered: Cell::new(false),
             cluster_link_up: Cell::new(None),
             open_tickets: RefCell::new(AHashMap::new()),

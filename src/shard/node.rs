@@ -23,7 +23,7 @@ pub struct Node {
     /// In a cluster, the connections of each app on the other nodes, as of the last heartbeat
     /// (only apps with a `max_connections`; shard 0 writes them).
     pub app_connections_elsewhere: Vec<AtomicU32>,
-    
+
     /// Open WebSocket connections in the process.
     pub connections: AtomicUsize,
     /// A shutdown was asked for (SIGINT/SIGTERM); set by the signal thread.
@@ -65,7 +65,7 @@ impl Node {
             socket_prefix: random_u32() % 1_000_000_000,
             app_connections: (0..apps).map(|_| AtomicU32::new(0)).collect(),
             app_connections_elsewhere: (0..apps).map(|_| AtomicU32::new(0)).collect(),
-            
+
             connections: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             drain_over: AtomicBool::new(false),

@@ -385,7 +385,7 @@ impl Shard {
         true
     }
 
-        /// The heartbeat's answer: the other nodes' connections of each capped app, and whether
+    /// The heartbeat's answer: the other nodes' connections of each capped app, and whether
     /// this node had been taken for dead meanwhile (then every shard asserts its state again;
     /// the answer to this shard's first heartbeat is not such news).
     fn on_heartbeat(&self, value: &redis::Value) {
@@ -397,7 +397,7 @@ impl Shard {
             let others = &self.node.app_connections_elsewhere[app];
             others.store(count, Ordering::Relaxed);
         }
-                let known_before = self.heartbeat_answered.replace(true);
+        let known_before = self.heartbeat_answered.replace(true);
         if !registered && known_before {
             crate::log_warn!("this node had been taken for dead; asserting its state again");
             for shard in 0..self.node.shards {
