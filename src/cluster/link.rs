@@ -160,7 +160,7 @@ impl RedisLink {
     /// logged). Returns false when the queue is full (Redis away, or not keeping up): the
     /// command is refused rather than held without bound.
     pub fn command(&self, cmd: &redis::Cmd) -> bool {
-        self.queue_command(cmd, ReplyTo::Nobody)
+        self.queue(cmd, ReplyTo::Nobody, false)
     }
 
     /// Sends a command and waits for its reply. None: the link is down (nothing is queued for
@@ -170,7 +170,7 @@ impl RedisLink {
             return None;
         }
         let slot = Rc::new(ReplySlot::default());
-        if !self.queue_command(cmd, ReplyTo::Caller(slot.clone())) {
+        if !self.queue(cmd, ReplyTo::Caller(slot.clone()), false) {
             return None;
         }
         poll_fn(|cx| match slot.value.borrow_mut().take() {
@@ -192,28 +192,21 @@ impl RedisLink {
         if !self.connected.get() {
             return true;
         }
-        self.queue_state(cmd, ReplyTo::Nobody)
+        self.queue(cmd, ReplyTo::Nobody, true)
     }
 
     /// Like `state_command`, and its reply comes back as `LinkEvent::Reply` with `token`. False:
     /// not queued (no connection, or the queue is full), so no reply will come.
     pub fn state_command_then_event(&self, cmd: &redis::Cmd, token: u64) -> bool {
-        self.connected.get() && self.queue_state(cmd, ReplyTo::Event(token))
+        self.connected.get() && self.queue(cmd, ReplyTo::Event(token), true)
     }
 
-    fn queue_state(&self, cmd: &redis::Cmd, reply_to: ReplyTo) -> bool {
+    /// Queues a command unless the queue is full (false then). `state`: see `Queued::state`.
+    fn queue(&self, cmd: &redis::Cmd, reply_to: ReplyTo, state: bool) -> bool {
         if self.queue.borrow().len() >= self.max_queued {
             return false;
         }
-        self.push(cmd, Some(reply_to), true);
-        true
-    }
-
-    fn queue_command(&self, cmd: &redis::Cmd, reply_to: ReplyTo) -> bool {
-        if self.queue.borrow().len() >= self.max_queued {
-            return false;
-        }
-        self.push(cmd, Some(reply_to), false);
+        self.push(cmd, Some(reply_to), state);
         true
     }
 

@@ -326,7 +326,7 @@ impl State {
     }
 
     /// Sets this node's subscriber count of a channel (0 removes it). `first` adds the channel
-    /// to the node's index (the count went from 0 to 1).
+    /// to the node's index (the count went from 0 to 1; a count of 0 removes it anyway).
     pub fn count(
         &self,
         topic: &[u8],

@@ -31,8 +31,9 @@ pub(super) enum SyncKind {
     Reconcile,
 }
 
+/// A signed-in user's channel (`#server-to-user-`).
 fn is_user(key: &ChannelKey) -> bool {
-    ChannelKind::of(&key.name) == ChannelKind::ServerToUser
+    key.user_id().is_some()
 }
 
 impl Shard {
@@ -45,19 +46,7 @@ impl Shard {
         let total = self.subscribers_on_node(key);
         let app_id = &self.node.app(key.app).id;
         let topic = self.topic_of(cluster, key);
-        let mut sent = true;
-        for cmd in cluster
-            .state
-            .count(&topic, app_id, &key.name, total, total == 1)
-        {
-            sent &= cluster.link.state_command(&cmd);
-        }
-        if self.counts_announced(key) || (is_user(key) && total == 1) {
-            let announce = cluster
-                .state
-                .announce_count(&topic, app_id, &key.name, total);
-            sent &= cluster.link.state_command(&announce);
-        }
+        let mut sent = self.write_count(cluster, key, &topic, total, total == 1);
         if let Some(m) = new_member {
             let join = cluster
                 .state
@@ -91,17 +80,38 @@ impl Shard {
             };
             decided = queued && has_roster;
         }
-        for cmd in cluster.state.count(&topic, app_id, &key.name, total, false) {
-            sent &= cluster.link.state_command(&cmd);
-        }
-        if self.counts_announced(key) || (is_user(key) && total == 0) {
-            let announce = cluster
-                .state
-                .announce_count(&topic, app_id, &key.name, total);
-            sent &= cluster.link.state_command(&announce);
-        }
+        sent &= self.write_count(cluster, key, &topic, total, total == 0);
         self.note_unsent(sent);
         decided
+    }
+
+    /// Writes the node's count of a channel (`crossed_zero`: it just went from 0 to 1 or from
+    /// 1 to 0), and announces it where other nodes follow it: every change for
+    /// `subscription_count`, a signed-in user's first and last connection for watchers.
+    /// False: a command did not fit in the link's queue.
+    fn write_count(
+        &self,
+        cluster: &Cluster,
+        key: &ChannelKey,
+        topic: &[u8],
+        total: u32,
+        crossed_zero: bool,
+    ) -> bool {
+        let app_id = &self.node.app(key.app).id;
+        let mut sent = true;
+        for cmd in cluster
+            .state
+            .count(topic, app_id, &key.name, total, crossed_zero)
+        {
+            sent &= cluster.link.state_command(&cmd);
+        }
+        if self.counts_announced(key) || (is_user(key) && crossed_zero) {
+            let announce = cluster
+                .state
+                .announce_count(topic, app_id, &key.name, total);
+            sent &= cluster.link.state_command(&announce);
+        }
+        sent
     }
 
     /// A state command the link refused (its queue was full) leaves Redis behind this node:
@@ -445,7 +455,7 @@ impl Shard {
         let Some(app) = self.node.app_by_id(&changed.app_id) else {
             return self.skip_foreign("a state change for an app this node does not serve");
         };
-        if cluster.topic(&changed.app_id, &changed.channel) != topic {
+        if !cluster.is_topic_of(topic, &changed.app_id, &changed.channel) {
             return self.skip_foreign("a state change naming another channel than its topic");
         }
         let key = ChannelKey::new(app, &changed.channel);
