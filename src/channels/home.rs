@@ -78,18 +78,15 @@ impl HomeChannel {
     }
 
     /// The members as subscribers know them: the roster, or the local members.
-    pub fn member_view(&self) -> Vec<(&str, &str)> {
-        match &self.roster {
-            Some(roster) => roster
-                .iter()
-                .map(|(u, i)| (u.as_str(), i.as_str()))
-                .collect(),
-            None => self.local_members().collect(),
-        }
+    pub fn member_view(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
+        let roster = self.roster.iter().flatten();
+        let roster = roster.map(|(u, i)| (u.as_str(), i.as_str()));
+        let local = self.roster.is_none().then(|| self.local_members());
+        roster.chain(local.into_iter().flatten())
     }
 
     /// The members on this node (user id, info).
-    pub fn local_members(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub fn local_members(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
         let members = self.members.as_deref().unwrap_or(&[]);
         members
             .iter()
@@ -161,7 +158,7 @@ impl HomeChannel {
                 roster.insert(user_id.to_owned(), user_info.to_owned());
             }
         }
-        let told: AHashMap<&str, &str> = self.member_view().into_iter().collect();
+        let told: AHashMap<&str, &str> = self.member_view().collect();
         let added = roster
             .iter()
             .filter(|(u, _)| !told.contains_key(u.as_str()))
@@ -188,16 +185,17 @@ impl HomeChannel {
     /// `{"presence":{"ids":[..],"hash":{..},"count":n}}`: every id is a key of `hash`.
     pub fn presence_json(&self) -> String {
         let members = self.member_view();
-        let mut out = Vec::with_capacity(40 + members.len() * 32);
+        let count = self.view_len();
+        let mut out = Vec::with_capacity(40 + count * 32);
         out.extend_from_slice(b"{\"presence\":{\"ids\":[");
-        for (i, (user_id, _)) in members.iter().enumerate() {
+        for (i, (user_id, _)) in members.clone().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             push_str_literal(&mut out, user_id);
         }
         out.extend_from_slice(b"],\"hash\":{");
-        for (i, (user_id, user_info)) in members.iter().enumerate() {
+        for (i, (user_id, user_info)) in members.enumerate() {
             if i > 0 {
                 out.push(b',');
             }
@@ -205,7 +203,7 @@ impl HomeChannel {
             out.push(b':');
             out.extend_from_slice(user_info.as_bytes());
         }
-        out.extend_from_slice(format!("}},\"count\":{}}}}}", members.len()).as_bytes());
+        out.extend_from_slice(format!("}},\"count\":{count}}}}}").as_bytes());
         String::from_utf8(out).unwrap_or_default()
     }
 }

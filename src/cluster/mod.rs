@@ -62,6 +62,27 @@ impl Cluster {
         format!("{}:{{{app_id}:{channel}}}", self.prefix).into_bytes()
     }
 
+    /// Whether `topic` is the topic of this channel (`topic` without building the name: this
+    /// check runs for every message another node publishes here).
+    pub fn is_topic_of(&self, topic: &[u8], app_id: &str, channel: &str) -> bool {
+        let parts: [&[u8]; 6] = [
+            self.prefix.as_bytes(),
+            b":{",
+            app_id.as_bytes(),
+            b":",
+            channel.as_bytes(),
+            b"}",
+        ];
+        let mut rest = topic;
+        for part in parts {
+            match rest.strip_prefix(part) {
+                Some(tail) => rest = tail,
+                None => return false,
+            }
+        }
+        rest.is_empty()
+    }
+
     /// Publishes a frame for the other nodes (this node delivers it itself).
     /// False: Redis is away and the link's queue is full.
     /// With `cache_ttl_ms` (a cache channel), Redis keeps it as the channel's last event for
@@ -161,7 +182,17 @@ mod tests {
 
     #[test]
     fn topics_carry_the_channel_in_a_hash_tag() {
-        assert_eq!(cluster().topic("7", "news"), b"shardpush:{7:news}".to_vec());
+        let c = cluster();
+        assert_eq!(c.topic("7", "news"), b"shardpush:{7:news}".to_vec());
+        assert!(c.is_topic_of(&c.topic("7", "news"), "7", "news"));
+        for other in [
+            "shardpush:{7:new}",
+            "shardpush:{7:newsx}",
+            "shardpush:{7:news}x",
+            "x:{7:news}",
+        ] {
+            assert!(!c.is_topic_of(other.as_bytes(), "7", "news"), "{other}");
+        }
     }
 
     #[test]

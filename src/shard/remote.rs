@@ -221,7 +221,7 @@ impl Shard {
         let Some(app) = self.node.app_by_id(remote.app_id) else {
             return self.skip_foreign("a message for an app this node does not serve");
         };
-        if cluster.topic(remote.app_id, remote.channel) != topic {
+        if !cluster.is_topic_of(topic, remote.app_id, remote.channel) {
             return self.skip_foreign("a message naming another channel than its topic");
         }
         if !ws::is_complete_text_frame(remote.frame) {
