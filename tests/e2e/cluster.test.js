@@ -5,13 +5,10 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
-const fs = require('node:fs');
 const net = require('node:net');
-const os = require('node:os');
-const path = require('node:path');
 const PusherClient = require('pusher-js');
 const PusherServer = require('pusher');
-const { startShardpush } = require('./server');
+const { startShardpush, authorizeAs, subscribed, waitFor } = require('./helpers');
 
 const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
 
@@ -79,14 +76,7 @@ function client(i, userId) {
     forceTLS: false,
     enabledTransports: ['ws'],
     disableStats: true,
-    channelAuthorization: {
-      customHandler: ({ socketId, channelName }, callback) => {
-        const presence = channelName.startsWith('presence-')
-          ? { user_id: userId, user_info: { name: `User ${userId}` } }
-          : undefined;
-        callback(null, api.authorizeChannel(socketId, channelName, presence));
-      },
-    },
+    channelAuthorization: authorizeAs(api, userId),
     userAuthentication: {
       customHandler: ({ socketId }, callback) => {
         callback(null, api.authenticateUser(socketId, { id: userId }));
@@ -105,25 +95,6 @@ function once(emitter, event) {
       resolve(data);
     });
   });
-}
-
-function subscribed(channel) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no subscription to ${channel.name}`)), 5000);
-    channel.bind('pusher:subscription_succeeded', (members) => {
-      clearTimeout(timer);
-      resolve(members);
-    });
-    channel.bind('pusher:subscription_error', (e) => reject(new Error(JSON.stringify(e))));
-  });
-}
-
-async function waitFor(what, predicate, ms = 5000) {
-  const deadline = Date.now() + ms;
-  while (!(await predicate())) {
-    if (Date.now() > deadline) throw new Error(`timeout waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 test('a pusher-js subscriber on one node gets what the pusher library triggers on another', async () => {

@@ -1,4 +1,7 @@
-// Starts a shardpush of the test's own with the given TOML configuration (port 0: any free
+// What the end-to-end test files share: starting a shardpush, authorizing channels as a user,
+// and waiting for a subscription or a condition.
+//
+// startShardpush: starts a shardpush of the test's own with the given TOML configuration (port 0: any free
 // port), resolving to the child process with its `port` once it listens. SHARDPUSH_BIN names
 // the binary (default: the debug build).
 const { spawn } = require('node:child_process');
@@ -26,4 +29,39 @@ function startShardpush(toml) {
   });
 }
 
-module.exports = { startShardpush };
+// pusher-js `channelAuthorization` signing with `api` (a `pusher` server library) as `userId`,
+// who joins presence channels with `{name: "User <id>"}`.
+function authorizeAs(api, userId) {
+  return {
+    customHandler: ({ socketId, channelName }, callback) => {
+      const presence = channelName.startsWith('presence-')
+        ? { user_id: userId, user_info: { name: `User ${userId}` } }
+        : undefined;
+      callback(null, api.authorizeChannel(socketId, channelName, presence));
+    },
+  };
+}
+
+// Resolves to the members (presence) once the channel is subscribed; rejects on an error or
+// after 5 s.
+function subscribed(channel) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no subscription to ${channel.name}`)), 5000);
+    channel.bind('pusher:subscription_succeeded', (members) => {
+      clearTimeout(timer);
+      resolve(members);
+    });
+    channel.bind('pusher:subscription_error', (e) => reject(new Error(JSON.stringify(e))));
+  });
+}
+
+// Waits until `predicate` (sync or async) holds, checking every 20 ms, or throws after `ms`.
+async function waitFor(what, predicate, ms = 5000) {
+  const deadline = Date.now() + ms;
+  while (!(await predicate())) {
+    if (Date.now() > deadline) throw new Error(`timeout waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+module.exports = { startShardpush, authorizeAs, subscribed, waitFor };

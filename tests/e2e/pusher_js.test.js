@@ -2,10 +2,6 @@
 // shardpush (2 shards). Run with `node --test` (SHARDPUSH_BIN names the binary).
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
 const crypto = require('node:crypto');
 const PusherClient = require('pusher-js');
 // `pusher-js/with-encryption` is a browser build (it needs `document`); all it adds is
@@ -13,7 +9,7 @@ const PusherClient = require('pusher-js');
 // Node build given that option.
 const nacl = require('tweetnacl');
 const PusherServer = require('pusher');
-const { startShardpush } = require('./server');
+const { startShardpush, authorizeAs, subscribed, waitFor } = require('./helpers');
 
 const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
 
@@ -57,16 +53,7 @@ function connect(options) {
 }
 
 function client(userId) {
-  return connect({
-    channelAuthorization: {
-      customHandler: ({ socketId, channelName }, callback) => {
-        const presence = channelName.startsWith('presence-')
-          ? { user_id: userId, user_info: { name: `User ${userId}` } }
-          : undefined;
-        callback(null, api.authorizeChannel(socketId, channelName, presence));
-      },
-    },
-  });
+  return connect({ channelAuthorization: authorizeAs(api, userId) });
 }
 
 function once(emitter, event) {
@@ -76,17 +63,6 @@ function once(emitter, event) {
       clearTimeout(timer);
       resolve({ data, meta });
     });
-  });
-}
-
-function subscribed(channel) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no subscription to ${channel.name}`)), 5000);
-    channel.bind('pusher:subscription_succeeded', (members) => {
-      clearTimeout(timer);
-      resolve(members);
-    });
-    channel.bind('pusher:subscription_error', (e) => reject(new Error(JSON.stringify(e))));
   });
 }
 
@@ -200,14 +176,6 @@ function userClient(userId, { watchlist, encryption = false } = {}) {
       },
     },
   });
-}
-
-async function waitFor(what, predicate, ms = 5000) {
-  const deadline = Date.now() + ms;
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error(`timeout waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 async function signedIn(c) {
