@@ -49,6 +49,8 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     /// Run as one node of a cluster through Redis (`[cluster]`); None: a single node.
     pub cluster: Option<ClusterConfig>,
+    /// How webhooks are delivered (`[webhooks]`); which webhooks each app has is per app.
+    pub webhooks: WebhooksConfig,
 }
 
 /// What a node serves (`role`, `--role`).
@@ -172,6 +174,108 @@ pub struct AppConfig {
     pub max_user_id_length: u32,
     /// Channels one connection may be subscribed to (or be subscribing to) at once.
     pub max_subscriptions_per_connection: u32,
+    /// Webhooks may carry several events per request (gathered for `[webhooks]
+    /// batch_window_ms`); off: one event per request, as Pusher sends them.
+    pub batch_webhooks: bool,
+    /// The app's webhooks (`[[apps.webhooks]]` tables).
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One webhook of an app: where to send which events.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` address the events are POSTed to.
+    pub url: String,
+    /// The events sent.
+    pub event_types: Vec<WebhookEventType>,
+    /// Only events of channels whose names match.
+    pub filter: WebhookFilter,
+    /// Extra request headers (never `X-Pusher-*`, `Content-Type` or the id header).
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The request header that carries a webhook's id, the same on every attempt, so a receiver
+/// can tell a retry from a new webhook.
+pub const WEBHOOK_ID_HEADER: &str = "X-Shardpush-Webhook-Id";
+
+/// The kinds of webhook events (TOML names as in Pusher's webhooks).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEventType {
+    /// A channel got its first subscriber.
+    ChannelOccupied,
+    /// A channel lost its last subscriber (sent 3 s later, if it stayed empty).
+    ChannelVacated,
+    /// A user's first connection joined a presence channel.
+    MemberAdded,
+    /// A user's last connection left a presence channel (sent 3 s later, if not back).
+    MemberRemoved,
+    /// A client sent a `client-*` event.
+    ClientEvent,
+    /// A client subscribed to a cache channel with no cached event.
+    CacheMiss,
+    /// A channel's subscription count changed (apps with `enable_subscription_count`).
+    SubscriptionCount,
+}
+
+impl WebhookEventType {
+    /// Its bit in a set of event types.
+    pub fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// A webhook's channel-name filter; an empty part matches every name.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookFilter {
+    /// The channel name starts with this.
+    pub channel_name_starts_with: String,
+    /// The channel name ends with this.
+    pub channel_name_ends_with: String,
+}
+
+/// The `[webhooks]` table: how every app's webhooks are delivered.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Threads sending requests (a request waits for its answer on one of them).
+    pub workers: usize,
+    /// Seconds one attempt may take, connecting included.
+    pub request_timeout: u32,
+    /// Seconds after its creation (`time_ms`) during which a failed webhook is retried.
+    pub retry_for: u32,
+    /// Requests of one app waiting for an answer at once (so that one app's slow receiver
+    /// leaves the other workers to the other apps).
+    pub max_in_flight_per_app: usize,
+    /// Events held in memory for delivery (waiting, retrying, or in the 3 s delay); beyond,
+    /// new events are dropped, counted and logged.
+    pub max_pending: usize,
+    /// Apps with `batch_webhooks`: milliseconds events gather before their request goes.
+    pub batch_window_ms: u32,
+    /// Apps with `batch_webhooks`: events in one request at most.
+    pub batch_max_events: usize,
+    /// Seconds during which a channel's repeated cache misses make one `cache_miss` webhook.
+    pub cache_miss_window: u32,
+    /// PEM file of CA certificates trusted for `https://` webhooks besides the public roots.
+    pub ca_file: String,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            workers: 16,
+            request_timeout: 10,
+            retry_for: 300,
+            max_in_flight_per_app: 4,
+            max_pending: 100_000,
+            batch_window_ms: 50,
+            batch_max_events: 100,
+            cache_miss_window: 5,
+            ca_file: String::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -195,6 +299,7 @@ impl Default for Config {
             allow_missing_protocol: true,
             apps: Vec::new(),
             cluster: None,
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -232,6 +337,8 @@ impl Default for AppConfig {
             cache_ttl: 1800,
             max_user_id_length: 128,
             max_subscriptions_per_connection: 256,
+            batch_webhooks: false,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -316,6 +423,120 @@ impl ClusterConfig {
         }
         Ok(())
     }
+}
+
+impl WebhookConfig {
+    fn validate(
+        &self,
+        app: &AppConfig,
+        source: &str,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        let rest = (self.url.strip_prefix("http://"))
+            .or_else(|| self.url.strip_prefix("https://"))
+            .ok_or_else(|| err(source, &key("url"), "must start with http:// or https://"))?;
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if host.is_empty() || self.url.parse::<ureq::http::Uri>().is_err() {
+            return Err(err(source, &key("url"), "is not a valid http(s) URL"));
+        }
+        if self.event_types.is_empty() {
+            return Err(err(
+                source,
+                &key("event_types"),
+                "must name at least one event type",
+            ));
+        }
+        if self
+            .event_types
+            .contains(&WebhookEventType::SubscriptionCount)
+            && !app.enable_subscription_count
+        {
+            let reason = "subscription_count needs the app's enable_subscription_count = true";
+            return Err(err(source, &key("event_types"), reason));
+        }
+        if self.event_types.contains(&WebhookEventType::ClientEvent) && !app.enable_client_messages
+        {
+            let reason = "client_event needs the app's enable_client_messages = true";
+            return Err(err(source, &key("event_types"), reason));
+        }
+        for (name, value) in &self.headers {
+            let at = key(&format!("headers.{name}"));
+            let lower = name.to_ascii_lowercase();
+            let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if name.is_empty() || !name.chars().all(token) {
+                return Err(err(source, &at, "is not a valid header name"));
+            }
+            let reserved = [
+                "content-type",
+                "content-length",
+                "host",
+                "transfer-encoding",
+            ];
+            if lower.starts_with("x-pusher-")
+                || lower == WEBHOOK_ID_HEADER.to_ascii_lowercase()
+                || reserved.contains(&lower.as_str())
+            {
+                return Err(err(
+                    source,
+                    &at,
+                    "is set by the server and cannot be replaced",
+                ));
+            }
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(err(source, &at, "must not contain control characters"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WebhooksConfig {
+    fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("webhooks.{field}");
+        let positive = [
+            ("workers", self.workers),
+            ("request_timeout", self.request_timeout as usize),
+            ("max_in_flight_per_app", self.max_in_flight_per_app),
+            ("max_pending", self.max_pending),
+            ("batch_max_events", self.batch_max_events),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(err(source, &key(field), "must be greater than 0"));
+            }
+        }
+        if self.workers > 1024 {
+            return Err(err(source, &key("workers"), "must be at most 1024"));
+        }
+        if self.batch_window_ms > 10_000 {
+            return Err(err(
+                source,
+                &key("batch_window_ms"),
+                "must be at most 10000",
+            ));
+        }
+        if !self.ca_file.is_empty() {
+            read_ca_file(&self.ca_file).map_err(|reason| err(source, &key("ca_file"), reason))?;
+        }
+        Ok(())
+    }
+}
+
+/// The CA certificates of a PEM file (for `[webhooks] ca_file`).
+pub fn read_ca_file(path: &str) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(cert)) => certs.push(cert),
+            Ok(_) => {}
+            Err(e) => return Err(format!("{path} is not valid PEM: {e}")),
+        }
+    }
+    if certs.is_empty() {
+        return Err(format!("{path} holds no certificate"));
+    }
+    Ok(certs)
 }
 
 /// A node id unique per start: the host's name would repeat on a restart, so random bits.
@@ -680,8 +901,17 @@ impl Config {
                     "must be between 1 and 200",
                 ));
             }
+            for (j, hook) in app.webhooks.iter().enumerate() {
+                let key = |field: &str| format!("apps[{i}].webhooks[{j}].{field}");
+                hook.validate(app, source, &key)?;
+                if self.cluster.is_some() {
+                    let reason = "webhooks of a cluster node are not supported yet (issue 11's \
+                                  second part)";
+                    return Err(err(source, &key("url"), reason));
+                }
+            }
         }
-        Ok(())
+        self.webhooks.validate(source)
     }
 
     /// The Redis connection settings of `[cluster] redis_url` (validated at load).

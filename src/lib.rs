@@ -6,6 +6,7 @@
 //! - `config`: TOML + environment + command line.
 //! - `log`: operator messages that can never stall or stop a thread.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
+//! - `webhooks`: events for the apps' HTTP receivers, sent from threads of their own.
 //! - `cluster`: several nodes through Redis: each shard's Redis link and the message format.
 //! - `shard`: the runtime of one core: connections, the mesh between shards, fanout, the home
 //!   side of channels, liveness, shutdown.
@@ -26,4 +27,5 @@ pub mod log;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod webhooks;
 pub mod websocket;

@@ -6,6 +6,7 @@ use crate::http;
 use crate::shard::deadline::DeadlineGuard;
 use crate::shard::messages::ShardMsg;
 use crate::shard::{contain, Node, Shard};
+use crate::webhooks::Webhooks;
 use crate::websocket;
 use futures_lite::io::AsyncWriteExt;
 use glommio::channels::channel_mesh::MeshBuilder;
@@ -73,6 +74,9 @@ pub fn shard_count(config: &Config) -> usize {
 /// 256 from 4,096 on). With the default, each cancel walked ~1/8 of all sockets.
 const RING_DEPTH: usize = 4096;
 
+/// At exit, how long webhooks still pending may take to be delivered.
+const WEBHOOK_FINISH: Duration = Duration::from_secs(5);
+
 /// Runs the server until SIGINT/SIGTERM. Returns an error if it could not start.
 pub fn run(config: Config) -> io::Result<()> {
     let shards = shard_count(&config);
@@ -93,7 +97,9 @@ pub fn run(config: Config) -> io::Result<()> {
         .iter()
         .map(|a| format!("{} (key {})", a.id, a.key))
         .collect();
-    let node = Arc::new(Node::new(config, shards));
+    let mut node = Node::new(config, shards);
+    node.webhooks = Webhooks::start(&node.config, node.socket_prefix)?;
+    let node = Arc::new(node);
 
     contain::install_panic_hook(node.clone());
     // Blocked here, so that every executor thread started below inherits the mask and only the
@@ -139,6 +145,18 @@ pub fn run(config: Config) -> io::Result<()> {
     }
     for handle in handles {
         let _ = handle.join();
+    }
+    if let Some(webhooks) = &node.webhooks {
+        let left = webhooks.finish(WEBHOOK_FINISH);
+        let stats = &webhooks.stats;
+        crate::log_info!(
+            "shardpush webhooks: {} events delivered, {} failed, {} dropped, {} retries, {left} \
+             undelivered at exit",
+            stats.delivered.load(Ordering::Relaxed),
+            stats.failed.load(Ordering::Relaxed),
+            stats.dropped.load(Ordering::Relaxed),
+            stats.retried.load(Ordering::Relaxed),
+        );
     }
     let slow = node.slow_consumer_closes.load(Ordering::Relaxed);
     let panics = node.contained_panics.load(Ordering::Relaxed);

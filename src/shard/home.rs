@@ -11,8 +11,10 @@ use crate::channels::cache::ChannelCache;
 use crate::channels::home::{HomeChannel, HomeChannels, Joined};
 use crate::channels::watch::WatchCounts;
 use crate::channels::ChannelKey;
+use crate::config::WebhookEventType;
 use crate::protocol::channel::{is_cache_channel, ChannelKind};
 use crate::protocol::events::{self, PresenceMember};
+use crate::webhooks::Event;
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,6 +172,12 @@ impl Shard {
         if duplicate {
             return self.route(origin, reply);
         }
+        if self.subscribers_on_node(&key) == 1 {
+            let channel = || key.name.to_string();
+            self.webhook(&key, WebhookEventType::ChannelOccupied, || {
+                Event::ChannelOccupied { channel: channel() }
+            });
+        }
         let new_locally = joined == Joined::NewMember;
         self.cluster_joined(&key, member.as_ref().filter(|_| new_locally));
         let announcement = Announcement {
@@ -219,6 +227,10 @@ impl Shard {
         }
         self.route(origin, reply);
         if let Some((m, conn, _)) = member_added {
+            self.webhook(&key, WebhookEventType::MemberAdded, || Event::MemberAdded {
+                channel: key.name.to_string(),
+                user_id: m.user_id.clone(),
+            });
             let frame = events::member_added(&key.name, &m.user_id, &m.user_info);
             let targets = self.subscriber_shards(&key);
             self.broadcast(&targets, &key, Arc::from(frame), Some(conn));
@@ -253,12 +265,18 @@ impl Shard {
     fn cached_or_miss(&self, key: &ChannelKey) -> Arc<[u8]> {
         match self.home.cache.borrow().get(key, Instant::now()) {
             Some((frame, _)) => frame.clone(),
-            None => Arc::from(events::cache_miss(&key.name)),
+            None => {
+                self.webhook(key, WebhookEventType::CacheMiss, || Event::CacheMiss {
+                    channel: key.name.to_string(),
+                });
+                Arc::from(events::cache_miss(&key.name))
+            }
         }
     }
 
     /// Uncounts a socket; announces a presence member's departure and the new count.
     pub(super) fn home_leave(&self, key: ChannelKey, origin: usize, user_id: Option<String>) {
+        let occupied_before = self.subscribers_on_node(&key) > 0;
         let last_of_user = {
             let mut channels = self.home.channels.borrow_mut();
             channels.leave(&key, origin, user_id.as_deref())
@@ -274,10 +292,24 @@ impl Shard {
                 channel.is_none_or(|c| c.roster.is_none() || c.remove_from_view(&user_id))
             };
             if gone {
+                self.webhook(&key, WebhookEventType::MemberRemoved, || {
+                    Event::MemberRemoved {
+                        channel: key.name.to_string(),
+                        user_id: user_id.clone(),
+                    }
+                });
                 self.tell_members(&key, &[], &[user_id]);
             }
         }
-        if self.home.channels.borrow().get(&key).is_none() && !self.is_watched(&key) {
+        let vacated = self.home.channels.borrow().get(&key).is_none();
+        if vacated && occupied_before {
+            self.webhook(&key, WebhookEventType::ChannelVacated, || {
+                Event::ChannelVacated {
+                    channel: key.name.to_string(),
+                }
+            });
+        }
+        if vacated && !self.is_watched(&key) {
             self.leave_cluster_topic(&key);
         }
         self.count_changed(&key, false);
@@ -331,6 +363,12 @@ impl Shard {
             channel.count_pending = false;
             (channel.shards().collect::<Vec<_>>(), count)
         };
+        self.webhook(key, WebhookEventType::SubscriptionCount, || {
+            Event::SubscriptionCount {
+                channel: key.name.to_string(),
+                count,
+            }
+        });
         let frame = events::subscription_count(&key.name, count);
         self.broadcast(&targets, key, Arc::from(frame), None);
     }

@@ -33,6 +33,8 @@ pub use lifecycle::Phase;
 pub use node::Node;
 
 use crate::channels::ChannelKey;
+use crate::config::WebhookEventType;
+use crate::webhooks::Event;
 use ahash::AHashMap;
 use conn::Conn;
 use deadline::Deadline;
@@ -191,6 +193,19 @@ impl Shard {
     /// The process this shard belongs to.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// Hands a webhook event to the webhooks when one of the app's webhooks may want its kind;
+    /// `event` is only built then.
+    #[inline]
+    pub fn webhook(&self, key: &ChannelKey, kind: WebhookEventType, event: impl FnOnce() -> Event) {
+        let Some(webhooks) = &self.node.webhooks else {
+            return;
+        };
+        // Signed-in users' channels are the server's own, never reported.
+        if webhooks.wants(key.app, kind) && key.user_id().is_none() {
+            webhooks.emit(key.app, event());
+        }
     }
 
     /// Shard clock in seconds (for liveness).

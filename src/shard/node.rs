@@ -45,6 +45,8 @@ pub struct Node {
     /// depends on a timer firing (issue 8: an idle shard whose timers were lost slept through
     /// SIGTERM).
     lifecycle_wakers: Mutex<Vec<Option<Waker>>>,
+    /// The apps' webhooks (None: no app has any); set once, before the shards start.
+    pub webhooks: Option<crate::webhooks::Webhooks>,
     /// Bytes each shard's frame readers hold for incomplete messages (one slot per shard, written
     /// only by its owner; summed only when a shard is over its fair share of the budget).
     partial_bytes: Vec<ShardCounter>,
@@ -75,6 +77,7 @@ impl Node {
             cluster_publishes_refused: AtomicU64::new(0),
             cluster_messages_skipped: AtomicU64::new(0),
             lifecycle_wakers: Mutex::new(vec![None; shards]),
+            webhooks: None,
             partial_bytes: (0..shards).map(|_| ShardCounter::default()).collect(),
         }
     }

@@ -3,6 +3,7 @@
 //! order and answered with a clear `pusher:error` when refused.
 
 use crate::channels::ChannelKey;
+use crate::config::WebhookEventType;
 use crate::protocol::channel::{validate_name, ChannelKind, SERVER_TO_USER_PREFIX};
 use crate::protocol::events::{
     self, ClientMessage, Data, PresenceMember, SigninData, SubscribeData, UnsubscribeData,
@@ -12,6 +13,7 @@ use crate::protocol::{codes, json};
 use crate::shard::conn::{find_sub, Conn, Sub};
 use crate::shard::messages::{JoinRequest, Publication};
 use crate::shard::Shard;
+use crate::webhooks::Event;
 use sonic_rs::{JsonValueTrait, LazyValue};
 use std::sync::Arc;
 #[cfg(debug_assertions)]
@@ -360,9 +362,18 @@ fn client_event(
         Data::Raw(&literal),
         user_id.as_deref(),
     );
+    let key = ChannelKey::new(conn.app, channel);
+    shard.webhook(&key, WebhookEventType::ClientEvent, || Event::ClientEvent {
+        channel: channel.to_string(),
+        event: event.to_string(),
+        data_literal: literal,
+        socket_id: shard.node().socket_id(conn.id),
+        // Members of presence channels only; the server's record, never the payload's.
+        user_id: user_id.map(String::from),
+    });
     // Client events are never cached (§3.8).
     shard.publish(Publication {
-        key: ChannelKey::new(conn.app, channel),
+        key,
         frame: Arc::from(frame),
         except: Some(conn.id),
         except_elsewhere: None,

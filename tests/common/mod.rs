@@ -2,6 +2,8 @@
 //! with real WebSocket (tungstenite) and HTTP/1.1 clients.
 #![allow(dead_code)]
 
+pub mod webhook_receiver;
+
 use shardpush::auth::{hmac_sha256_hex, md5_hex};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -1,0 +1,384 @@
+//! The hub thread: every pending webhook passes through here. It turns events into signed
+//! requests (one per webhook that wants the event, or a batch), keeps each app within its
+//! requests in flight, and schedules retries; the workers only send.
+
+use super::event::{self, Event};
+use super::gate::Gate;
+use super::sender::Outcome;
+use super::{AppHooks, Request, Stats};
+use crate::auth::hmac_sha256_hex;
+use crate::config::WebhooksConfig;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Longest wait between retries of one request.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The hub wakes at least this often, whatever is scheduled.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+
+/// What the hub is told.
+pub enum Inbox {
+    /// A shard saw an event.
+    Event {
+        /// The app's index in the configuration.
+        app: u32,
+        /// What happened.
+        event: Event,
+    },
+    /// A worker finished an attempt.
+    Done {
+        /// The request it sent.
+        request: Request,
+        /// How it went.
+        outcome: Outcome,
+    },
+    /// The server is stopping: send everything now, then report when nothing is left.
+    Finish,
+    /// How many events are still pending?
+    Pending(SyncSender<u64>),
+}
+
+/// What the operator has been told about one webhook's receiver: one line when it starts
+/// failing and one when it recovers, and give-ups summed over `GIVE_UP_LOG_EVERY`.
+#[derive(Default)]
+struct Health {
+    failing: bool,
+    given_up_untold: u64,
+    given_up_told_at: Option<Instant>,
+}
+
+/// Give-ups of one webhook are logged at most this often (with their count).
+const GIVE_UP_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Events gathering for one webhook of an app with `batch_webhooks`.
+#[derive(Default)]
+struct Batch {
+    events: Vec<Vec<u8>>,
+    /// When the batch goes out (set by its first event).
+    deadline: Option<Instant>,
+}
+
+/// The hub's state; owned by its thread.
+pub struct Hub {
+    apps: Arc<[AppHooks]>,
+    settings: WebhooksConfig,
+    stats: Arc<Stats>,
+    workers: Sender<Request>,
+    gate: Gate,
+    /// `[app][hook]`.
+    batches: Vec<Vec<Batch>>,
+    /// `[app][hook]`.
+    health: Vec<Vec<Health>>,
+    /// Requests ready to go, per app.
+    ready: Vec<VecDeque<Request>>,
+    in_flight: Vec<usize>,
+    /// Requests waiting to be retried, by due time (the number orders equal times).
+    retries: BinaryHeap<Reverse<(Instant, u64)>>,
+    retrying: ahash::AHashMap<u64, Request>,
+    /// Events held in batches, ready queues, retries and in flight (the gate counts its own).
+    held: usize,
+    id_prefix: String,
+    next_id: u64,
+    finishing: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wait before attempt `attempts + 1`: 1 s, doubling, at most a minute.
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(6);
+    Duration::from_secs(1 << exp).min(MAX_BACKOFF)
+}
+
+impl Hub {
+    /// A hub for these apps; `id_prefix` makes webhook ids unique to this process.
+    pub fn new(
+        apps: Arc<[AppHooks]>,
+        settings: WebhooksConfig,
+        stats: Arc<Stats>,
+        id_prefix: u32,
+        workers: Sender<Request>,
+    ) -> Hub {
+        let batches = apps
+            .iter()
+            .map(|a| a.hooks.iter().map(|_| Batch::default()).collect())
+            .collect();
+        let health = apps
+            .iter()
+            .map(|a| a.hooks.iter().map(|_| Health::default()).collect())
+            .collect();
+        Hub {
+            gate: Gate::new(Duration::from_secs(settings.cache_miss_window as u64)),
+            ready: apps.iter().map(|_| VecDeque::new()).collect(),
+            in_flight: vec![0; apps.len()],
+            batches,
+            health,
+            apps,
+            settings,
+            stats,
+            workers,
+            retries: BinaryHeap::new(),
+            retrying: ahash::AHashMap::new(),
+            held: 0,
+            id_prefix: format!("{id_prefix}-{:x}", now_ms()),
+            next_id: 0,
+            finishing: false,
+        }
+    }
+
+    /// The thread's loop: until every sender is gone.
+    pub fn run(mut self, inbox: Receiver<Inbox>, finished: SyncSender<()>) {
+        loop {
+            let now = Instant::now();
+            let wait = self.next_wake(now).saturating_duration_since(now);
+            match inbox.recv_timeout(wait) {
+                Ok(message) => self.handle(message),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            // Whatever else already arrived, before scheduling.
+            while let Ok(message) = inbox.try_recv() {
+                self.handle(message);
+            }
+            self.run_due(Instant::now());
+            self.dispatch();
+            if self.finishing && self.pending() == 0 {
+                let _ = finished.try_send(());
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Inbox) {
+        match message {
+            Inbox::Event { app, event } => self.accept(app, event),
+            Inbox::Done { request, outcome } => self.done(request, outcome),
+            Inbox::Finish => self.finishing = true,
+            Inbox::Pending(reply) => {
+                let _ = reply.try_send(self.pending() as u64);
+            }
+        }
+    }
+
+    /// Events not yet delivered or given up on.
+    fn pending(&self) -> usize {
+        self.held + self.gate.waiting()
+    }
+
+    fn accept(&mut self, app: u32, event: Event) {
+        if self.pending() >= self.settings.max_pending {
+            let reason = "max_pending events were waiting for delivery";
+            return self.stats.drop_events(1, reason);
+        }
+        if let Some(event) = self.gate.admit(app, event, Instant::now()) {
+            self.route(app, &event);
+        }
+    }
+
+    /// Gives the event to each of the app's webhooks that wants it.
+    fn route(&mut self, app: u32, event: &Event) {
+        let apps = self.apps.clone();
+        let Some(hooks) = apps.get(app as usize) else {
+            return;
+        };
+        let mut json = Vec::new();
+        for (i, hook) in hooks.hooks.iter().enumerate() {
+            if !hook.wants(event) {
+                continue;
+            }
+            if json.is_empty() {
+                event.write_json(&mut json);
+            }
+            self.held += 1;
+            if !hooks.batch {
+                self.make_request(app, i, vec![json.clone()]);
+                continue;
+            }
+            let batch = &mut self.batches[app as usize][i];
+            batch.events.push(json.clone());
+            let window = Duration::from_millis(self.settings.batch_window_ms as u64);
+            batch
+                .deadline
+                .get_or_insert_with(|| Instant::now() + window);
+            if batch.events.len() >= self.settings.batch_max_events {
+                self.flush_batch(app, i);
+            }
+        }
+    }
+
+    fn flush_batch(&mut self, app: u32, hook: usize) {
+        let batch = &mut self.batches[app as usize][hook];
+        batch.deadline = None;
+        let events = std::mem::take(&mut batch.events);
+        if !events.is_empty() {
+            self.make_request(app, hook, events);
+        }
+    }
+
+    /// Makes, signs and queues the request for these events (written as JSON).
+    fn make_request(&mut self, app: u32, hook: usize, events: Vec<Vec<u8>>) {
+        let time_ms = now_ms();
+        let body = event::body(time_ms, &events);
+        let signature = hmac_sha256_hex(self.apps[app as usize].secret.as_bytes(), &body);
+        let id = format!("{}-{}", self.id_prefix, self.next_id);
+        self.next_id += 1;
+        self.ready[app as usize].push_back(Request {
+            app,
+            hook,
+            events: events.len(),
+            body,
+            signature,
+            id,
+            time_ms,
+            attempts: 0,
+        });
+    }
+
+    /// Sends each app's ready requests while it has room in flight.
+    fn dispatch(&mut self) {
+        for (app, ready) in self.ready.iter_mut().enumerate() {
+            while self.in_flight[app] < self.settings.max_in_flight_per_app {
+                let Some(request) = ready.pop_front() else {
+                    break;
+                };
+                self.in_flight[app] += 1;
+                if self.workers.send(request).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn done(&mut self, mut request: Request, outcome: Outcome) {
+        let app = request.app as usize;
+        self.in_flight[app] = self.in_flight[app].saturating_sub(1);
+        request.attempts += 1;
+        let events = request.events as u64;
+        let url = &self.apps[app].hooks[request.hook].url;
+        let health = &mut self.health[app][request.hook];
+        let give_up = match outcome {
+            Outcome::Delivered => {
+                self.stats.delivered.fetch_add(events, Ordering::Relaxed);
+                if std::mem::take(&mut health.failing) {
+                    crate::log_warn!("webhooks to {url}: delivered again");
+                }
+                None
+            }
+            Outcome::Refused(reason) => Some(format!("refused ({reason}), not retried")),
+            Outcome::Retry(reason) => {
+                let wait = backoff(request.attempts);
+                let budget_end = request.time_ms + self.settings.retry_for as u64 * 1000;
+                if now_ms() + wait.as_millis() as u64 > budget_end {
+                    let attempts = request.attempts;
+                    Some(format!(
+                        "still failing ({reason}) after {attempts} attempts"
+                    ))
+                } else {
+                    if !std::mem::replace(&mut health.failing, true) {
+                        crate::log_warn!(
+                            "webhooks to {url}: failing ({reason}); each is retried for up to \
+                             {} s",
+                            self.settings.retry_for
+                        );
+                    }
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    let number = self.next_id;
+                    self.next_id += 1;
+                    self.retries.push(Reverse((Instant::now() + wait, number)));
+                    self.retrying.insert(number, request);
+                    return;
+                }
+            }
+        };
+        if let Some(why) = give_up {
+            self.stats.failed.fetch_add(events, Ordering::Relaxed);
+            health.given_up_untold += events;
+            let now = Instant::now();
+            let told_lately = health
+                .given_up_told_at
+                .is_some_and(|t| now.duration_since(t) < GIVE_UP_LOG_EVERY);
+            if !told_lately {
+                crate::log_warn!(
+                    "webhooks to {url}: gave up on {} events (the last: {}, {why})",
+                    std::mem::take(&mut health.given_up_untold),
+                    request.id
+                );
+                health.given_up_told_at = Some(now);
+            }
+        }
+        self.held = self.held.saturating_sub(request.events);
+    }
+
+    /// Logs give-ups that came too soon after the last line about them to be logged then.
+    fn tell_give_ups(&mut self, now: Instant) {
+        for (app, hooks) in self.health.iter_mut().enumerate() {
+            for (hook, health) in hooks.iter_mut().enumerate() {
+                let due = health
+                    .given_up_told_at
+                    .is_none_or(|t| now.duration_since(t) >= GIVE_UP_LOG_EVERY);
+                if health.given_up_untold > 0 && due {
+                    crate::log_warn!(
+                        "webhooks to {}: gave up on {} more events",
+                        self.apps[app].hooks[hook].url,
+                        std::mem::take(&mut health.given_up_untold)
+                    );
+                    health.given_up_told_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// The earliest thing scheduled: a departure, a batch, a retry.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + IDLE_WAKE;
+        let batches = self.batches.iter().flatten().filter_map(|b| b.deadline);
+        let retry = self.retries.peek().map(|Reverse((due, _))| *due);
+        for due in batches.chain(self.gate.next_due()).chain(retry) {
+            wake = wake.min(due);
+        }
+        wake
+    }
+
+    /// Departures whose delay is over, batches whose window is over, retries that are due.
+    fn run_due(&mut self, now: Instant) {
+        for (app, event) in self.gate.due(now, self.finishing) {
+            self.route(app, &event);
+        }
+        for app in 0..self.batches.len() {
+            for hook in 0..self.batches[app].len() {
+                let due = self.batches[app][hook].deadline.is_some_and(|d| d <= now);
+                if due || self.finishing {
+                    self.flush_batch(app as u32, hook);
+                }
+            }
+        }
+        self.tell_give_ups(now);
+        while let Some(Reverse((due, number))) = self.retries.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.retries.pop();
+            if let Some(request) = self.retrying.remove(&number) {
+                self.ready[request.app as usize].push_back(request);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_a_minute() {
+        let waits: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+}

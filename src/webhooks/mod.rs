@@ -1,0 +1,211 @@
+//! Webhooks (reference §6): shards emit events without ever waiting; a hub thread applies
+//! the 3-second rule and the cache-miss window, picks each app's webhooks that want an event,
+//! batches, signs, and hands requests to worker threads, retrying failures with backoff.
+//!
+//! ```text
+//! shard ──emit (try_send)──▶ hub ──request──▶ workers ──POST──▶ receiver
+//!                             ▲                  │
+//!                             └──── outcome ─────┘
+//! ```
+//!
+//! Everything pending lives in the hub's memory, bounded by `[webhooks] max_pending`; what
+//! exceeds a bound is counted and logged.
+
+pub mod event;
+mod gate;
+mod hub;
+mod sender;
+
+pub use event::Event;
+
+use crate::config::{AppConfig, Config, WebhookEventType};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Events the shards may have handed to the hub and it has not taken yet.
+const INBOX_CAPACITY: usize = 65_536;
+
+/// One app's webhooks, as the hub and the workers use them.
+pub struct AppHooks {
+    key: String,
+    secret: String,
+    batch: bool,
+    hooks: Vec<Hook>,
+}
+
+/// One webhook of an app.
+struct Hook {
+    url: String,
+    /// Bits of the event types it wants.
+    types: u8,
+    starts_with: String,
+    ends_with: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Hook {
+    fn wants(&self, event: &Event) -> bool {
+        let channel = event.channel();
+        self.types & event.kind().bit() != 0
+            && channel.starts_with(&self.starts_with)
+            && channel.ends_with(&self.ends_with)
+    }
+}
+
+impl AppHooks {
+    fn of(app: &AppConfig) -> AppHooks {
+        let hooks = app.webhooks.iter().map(|h| Hook {
+            url: h.url.clone(),
+            types: h.event_types.iter().fold(0, |bits, t| bits | t.bit()),
+            starts_with: h.filter.channel_name_starts_with.clone(),
+            ends_with: h.filter.channel_name_ends_with.clone(),
+            headers: h.headers.clone().into_iter().collect(),
+        });
+        AppHooks {
+            key: app.key.clone(),
+            secret: app.secret.clone(),
+            batch: app.batch_webhooks,
+            hooks: hooks.collect(),
+        }
+    }
+
+    /// The event types the shards have to emit for this app: those a webhook wants, and the
+    /// other half of each pair the 3-second rule matches up (a quick re-occupy cancels a
+    /// vacate, so vacates are needed even by a webhook that only wants occupies).
+    fn emitted_types(&self) -> u8 {
+        use WebhookEventType::*;
+        let mut bits = self.hooks.iter().fold(0, |bits, h| bits | h.types);
+        for (a, b) in [
+            (ChannelOccupied, ChannelVacated),
+            (MemberAdded, MemberRemoved),
+        ] {
+            if bits & (a.bit() | b.bit()) != 0 {
+                bits |= a.bit() | b.bit();
+            }
+        }
+        bits
+    }
+}
+
+/// One request: a signed body for one webhook, the same bytes on every attempt.
+pub struct Request {
+    app: u32,
+    hook: usize,
+    /// Events in the body.
+    events: usize,
+    body: Vec<u8>,
+    signature: String,
+    id: String,
+    /// When the body was made (its `time_ms`); retries stop `retry_for` after it.
+    time_ms: u64,
+    /// Attempts made so far.
+    attempts: u32,
+}
+
+/// What became of webhook events, for the exit report (and later, metrics).
+#[derive(Default)]
+pub struct Stats {
+    /// Events in requests that got a 2xx.
+    pub delivered: AtomicU64,
+    /// Events given up on: refused by the receiver (4xx), or still failing after `retry_for`.
+    pub failed: AtomicU64,
+    /// Events dropped because a bound was reached (the hub's inbox, `max_pending`).
+    pub dropped: AtomicU64,
+    /// Attempts that failed and were tried again.
+    pub retried: AtomicU64,
+}
+
+impl Stats {
+    /// Counts `n` dropped events; logs the first drop and each time the total doubles.
+    fn drop_events(&self, n: u64, why: &str) {
+        let before = self.dropped.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        if before == 0 || (before + 1).next_power_of_two() <= after {
+            crate::log_warn!("webhooks: {after} events dropped so far ({why})");
+        }
+    }
+}
+
+/// The shards' handle on the webhooks: knows which events are wanted and passes them on.
+pub struct Webhooks {
+    inbox: SyncSender<hub::Inbox>,
+    /// Per app, the event types the shards emit (see `AppHooks::emitted_types`).
+    emitted: Vec<u8>,
+    /// Delivery counts.
+    pub stats: Arc<Stats>,
+    /// Told when the hub has nothing left, after `finish`.
+    finished: Mutex<Receiver<()>>,
+}
+
+impl Webhooks {
+    /// Starts the hub and its workers; None when no app has a webhook.
+    pub fn start(config: &Config, id_prefix: u32) -> io::Result<Option<Webhooks>> {
+        if config.apps.iter().all(|a| a.webhooks.is_empty()) {
+            return Ok(None);
+        }
+        let apps: Arc<[AppHooks]> = config.apps.iter().map(AppHooks::of).collect();
+        let emitted = apps.iter().map(AppHooks::emitted_types).collect();
+        let settings = &config.webhooks;
+        let agent = sender::agent(settings).map_err(io::Error::other)?;
+        let stats = Arc::new(Stats::default());
+        let (inbox, inbox_rx) = mpsc::sync_channel(INBOX_CAPACITY);
+        let (jobs, jobs_rx) = mpsc::channel();
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        for i in 0..settings.workers {
+            let (jobs, hub, agent, apps) =
+                (jobs_rx.clone(), inbox.clone(), agent.clone(), apps.clone());
+            std::thread::Builder::new()
+                .name(format!("webhook-{i}"))
+                .spawn(move || sender::work(jobs, hub, agent, apps))?;
+        }
+        let (finished_tx, finished) = mpsc::sync_channel(1);
+        let hub = hub::Hub::new(apps, settings.clone(), stats.clone(), id_prefix, jobs);
+        std::thread::Builder::new()
+            .name("webhooks".into())
+            .spawn(move || hub.run(inbox_rx, finished_tx))?;
+        Ok(Some(Webhooks {
+            inbox,
+            emitted,
+            stats,
+            finished: Mutex::new(finished),
+        }))
+    }
+
+    /// Whether the shards emit events of this type for this app.
+    #[inline]
+    pub fn wants(&self, app: u32, kind: WebhookEventType) -> bool {
+        self.emitted
+            .get(app as usize)
+            .is_some_and(|bits| bits & kind.bit() != 0)
+    }
+
+    /// Hands an event to the hub, never waiting: when the hub is that far behind, the event is
+    /// dropped and counted.
+    pub fn emit(&self, app: u32, event: Event) {
+        match self.inbox.try_send(hub::Inbox::Event { app, event }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.stats.drop_events(1, "the hub's inbox was full"),
+            Err(TrySendError::Disconnected(_)) => self.stats.drop_events(1, "the hub stopped"),
+        }
+    }
+
+    /// At exit: sends what waits (the 3 s delays end now: the server is leaving), and waits up
+    /// to `max` for the deliveries. Returns the events still undelivered.
+    pub fn finish(&self, max: Duration) -> u64 {
+        let _ = self.inbox.send(hub::Inbox::Finish);
+        let Ok(finished) = self.finished.lock() else {
+            return 0;
+        };
+        match finished.recv_timeout(max) {
+            Ok(()) => 0,
+            Err(_) => {
+                let (reply, pending) = mpsc::sync_channel(1);
+                let _ = self.inbox.send(hub::Inbox::Pending(reply));
+                pending.recv_timeout(Duration::from_secs(1)).unwrap_or(0)
+            }
+        }
+    }
+}
