@@ -66,7 +66,7 @@ impl Proxy {
                             Ok(n) => n,
                         };
                         let text = String::from_utf8_lossy(&buf[..n]);
-                        if text.contains("local prefix, owner, life, same_id") {
+                        if text.contains(shardpush::cluster::state::heartbeat_sha()) {
                             *beat.lock().unwrap() = Some(Instant::now());
                         }
                         if s_out.write_all(&buf[..n]).is_err() {

@@ -305,6 +305,10 @@ impl RedisLink {
             let select = redis::cmd("SELECT").arg(self.db).get_packed_command();
             first.push(state(select, handshake));
         }
+        // Commands name the scripts by their SHA-1 only.
+        for load in crate::cluster::state::load_scripts() {
+            first.push(state(load.get_packed_command(), Some(ReplyTo::Nobody)));
+        }
         let mut unconfirmed = self.unconfirmed.borrow_mut();
         unconfirmed.clear();
         for topic in self.topics.borrow().iter() {
@@ -458,6 +462,11 @@ impl RedisLink {
                 if let Value::ServerError(e) = &reply {
                     if matches!(reply_to, Some(ReplyTo::Handshake)) {
                         return Err(format!("Redis refused the handshake: {e}"));
+                    }
+                    if e.code() == "NOSCRIPT" {
+                        // Flushed since this connection loaded them: a new one loads them again
+                        // and the shard asserts its state again.
+                        return Err("Redis lost the scripts (SCRIPT FLUSH?); reconnecting".into());
                     }
                     // One refused command (a PUBLISH, say) does not end the link.
                     let errors = self.command_errors.get();

@@ -56,6 +56,75 @@ end
 local function counted(app_channel, owner, n)
   return 'SPJ' .. cjson.encode({'count', app_channel[1], app_channel[2], owner, tostring(n)})
 end
+local function total(topic)
+  local sum = 0
+  for _, v in ipairs(redis.call('HVALS', topic .. ':subs')) do sum = sum + (tonumber(v) or 0) end
+  return sum
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Webhooks and the event stream (see `webhooks`). `P:wh:apps` holds, per app id, the bits of
+-- the event types its webhooks want and (`<app>:stream`) its event stream's length, 0 for none.
+local WH_BITS = {channel_occupied = 1, channel_vacated = 2, member_added = 4,
+  member_removed = 8, client_event = 16, cache_miss = 32, subscription_count = 64}
+local function prefix_of(topic, app_channel)
+  return string.sub(topic, 1, #topic - #app_channel[1] - #app_channel[2] - 4)
+end
+local function wh_config(prefix, app)
+  local v = redis.call('HMGET', prefix .. ':wh:apps', app, app .. ':stream', '#queue')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+end
+-- An event: into the app's webhook queue if its webhooks want it (and the queue is under its
+-- bound; beyond, it is counted in P:wh:dropped), and onto its event stream. `fields` are the
+-- entry's fields after name and channel.
+local function wh_add(prefix, app, name, channel, fields)
+  local bits, stream, bound = wh_config(prefix, app)
+  local entry = {'name', name, 'channel', channel}
+  for _, f in ipairs(fields) do entry[#entry + 1] = f end
+  entry[#entry + 1] = 'time_ms'
+  entry[#entry + 1] = tostring(now_ms())
+  if bit.band(bits, WH_BITS[name] or 0) ~= 0 then
+    local queue = prefix .. ':wh:{' .. app .. '}'
+    if redis.call('XLEN', queue) < bound then
+      redis.call('XADD', queue, '*', unpack(entry))
+    else
+      redis.call('HINCRBY', prefix .. ':wh:dropped', app, 1)
+    end
+  end
+  if stream > 0 then
+    redis.call('XADD', prefix .. ':events:{' .. app .. '}', 'MAXLEN', '~', stream, '*', unpack(entry))
+  end
+end
+-- The 3-second rule, for the whole cluster: a departure (a channel vacated, a member's last
+-- connection gone) waits in P:wh:delay; a return before it is due cancels both.
+local function wh_depart(prefix, app, channel, user)
+  local bits, stream = wh_config(prefix, app)
+  if bits == 0 and stream == 0 then return end
+  redis.call('ZADD', prefix .. ':wh:delay', now_ms() + 3000, cjson.encode({app, channel, user}))
+end
+local function wh_arrive(prefix, app, channel, user)
+  local bits, stream = wh_config(prefix, app)
+  if bits == 0 and stream == 0 then return end
+  if redis.call('ZREM', prefix .. ':wh:delay', cjson.encode({app, channel, user})) == 1 then
+    return
+  end
+  if user then
+    wh_add(prefix, app, 'member_added', channel, {'user_id', user})
+  else
+    wh_add(prefix, app, 'channel_occupied', channel, {})
+  end
+end
+-- After a node's count of a channel changed from `before` (the channel's total then).
+local function wh_occupancy(topic, app_channel, before)
+  local after = total(topic)
+  if before == 0 and after > 0 then
+    wh_arrive(prefix_of(topic, app_channel), app_channel[1], app_channel[2], nil)
+  elseif before > 0 and after == 0 then
+    wh_depart(prefix_of(topic, app_channel), app_channel[1], app_channel[2], nil)
+  end
+end
 "#;
 
 /// ARGV: topic, owner, entry, user, info. A user's first connection on this node.
@@ -63,7 +132,9 @@ const JOIN: &str = r#"
 local topic, owner, user = ARGV[1], ARGV[2], ARGV[4]
 local new = redis.call('HSET', topic .. ':m:' .. owner, user, ARGV[5]) == 1
 if new and not elsewhere(topic, owner, user) then
-  redis.call('PUBLISH', topic, added(cjson.decode(ARGV[3]), user, ARGV[5]))
+  local app_channel = cjson.decode(ARGV[3])
+  redis.call('PUBLISH', topic, added(app_channel, user, ARGV[5]))
+  wh_arrive(prefix_of(topic, app_channel), app_channel[1], app_channel[2], user)
 end
 return 0
 "#;
@@ -72,7 +143,9 @@ return 0
 const LEAVE: &str = r#"
 local topic, owner, user = ARGV[1], ARGV[2], ARGV[4]
 if redis.call('HDEL', topic .. ':m:' .. owner, user) == 1 and not elsewhere(topic, owner, user) then
-  redis.call('PUBLISH', topic, removed(cjson.decode(ARGV[3]), user))
+  local app_channel = cjson.decode(ARGV[3])
+  redis.call('PUBLISH', topic, removed(app_channel, user))
+  wh_depart(prefix_of(topic, app_channel), app_channel[1], app_channel[2], user)
 end
 return 0
 "#;
@@ -84,7 +157,9 @@ return 0
 const SYNC: &str = r#"
 local topic, owner, entry, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
 local app_channel = cjson.decode(entry)
+local prefix = prefix_of(topic, app_channel)
 local mine = topic .. ':m:' .. owner
+local before = total(topic)
 if count > 0 then
   redis.call('HSET', topic .. ':subs', owner, count)
   redis.call('SADD', ARGV[4], entry)
@@ -92,6 +167,7 @@ else
   redis.call('HDEL', topic .. ':subs', owner)
   redis.call('SREM', ARGV[4], entry)
 end
+wh_occupancy(topic, app_channel, before)
 local old = {}
 for _, u in ipairs(redis.call('HKEYS', mine)) do old[u] = true end
 redis.call('DEL', mine)
@@ -104,11 +180,13 @@ for i = 7, #ARGV - 1, 2 do
   redis.call('HSET', mine, ARGV[i], ARGV[i + 1])
   if not old[ARGV[i]] and not elsewhere(topic, owner, ARGV[i]) then
     redis.call('PUBLISH', topic, added(app_channel, ARGV[i], ARGV[i + 1]))
+    wh_arrive(prefix, app_channel[1], app_channel[2], ARGV[i])
   end
 end
 for u in pairs(old) do
   if not now[u] and not elsewhere(topic, owner, u) then
     redis.call('PUBLISH', topic, removed(app_channel, u))
+    wh_depart(prefix, app_channel[1], app_channel[2], u)
   end
 end
 return {members(topic), redis.call('HGETALL', topic .. ':subs')}
@@ -146,16 +224,19 @@ for _, d in ipairs(dead) do
     local ok, app_channel = pcall(cjson.decode, entry)
     if ok and type(app_channel) == 'table' and #app_channel == 2 then
       local topic = prefix .. ':{' .. app_channel[1] .. ':' .. app_channel[2] .. '}'
-      if redis.call('HDEL', topic .. ':subs', d) == 1 then
-        redis.call('PUBLISH', topic, counted(app_channel, d, 0))
-      end
       local theirs = topic .. ':m:' .. d
       local users = redis.call('HKEYS', theirs)
       redis.call('DEL', theirs)
       for _, u in ipairs(users) do
         if not elsewhere(topic, d, u) then
           redis.call('PUBLISH', topic, removed(app_channel, u))
+          wh_depart(prefix, app_channel[1], app_channel[2], u)
         end
+      end
+      local before = total(topic)
+      if redis.call('HDEL', topic .. ':subs', d) == 1 then
+        redis.call('PUBLISH', topic, counted(app_channel, d, 0))
+        wh_occupancy(topic, app_channel, before)
       end
     end
   end
@@ -185,11 +266,21 @@ redis.call('SET', ARGV[1] .. ':cache', ARGV[2], 'PX', ARGV[3])
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 "#;
 
-/// ARGV: topic. Returns a cache channel's last event (as published) and the ms it has left, or
-/// an empty list.
+/// ARGV: topic, entry, ms during which repeated misses make one `cache_miss` webhook (0: the
+/// read is not a subscriber's, no event). Returns a
+/// cache channel's last event (as published) and the ms it has left, or an empty list.
 const CACHED: &str = r#"
 local payload = redis.call('GET', ARGV[1] .. ':cache')
-if not payload then return {} end
+if not payload then
+  local app_channel = cjson.decode(ARGV[2])
+  local prefix = prefix_of(ARGV[1], app_channel)
+  local bits, stream = wh_config(prefix, app_channel[1])
+  local wanted = bit.band(bits, WH_BITS.cache_miss) ~= 0 or stream > 0
+  if wanted and ARGV[3] ~= '0' and redis.call('SET', ARGV[1] .. ':miss', '1', 'NX', 'PX', ARGV[3]) then
+    wh_add(prefix, app_channel[1], 'cache_miss', app_channel[2], {})
+  end
+  return {}
+end
 return {payload, redis.call('PTTL', ARGV[1] .. ':cache')}
 "#;
 
@@ -229,6 +320,72 @@ for _, n in ipairs(redis.call('ZRANGE', prefix .. ':nodes', 0, -1)) do
 end
 return out
 "#;
+
+/// ARGV: topic, owner, entry, index key, count. The node's count of a channel went from 0 to
+/// more or back to 0: the count and the index in one step with the cluster-wide occupancy it
+/// changes (`channel_occupied`, `channel_vacated` webhooks).
+const OCCUPANCY: &str = r#"
+local topic, owner, entry, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
+local before = total(topic)
+if count > 0 then
+  redis.call('SADD', ARGV[4], entry)
+  redis.call('HSET', topic .. ':subs', owner, count)
+else
+  redis.call('HDEL', topic .. ':subs', owner)
+  redis.call('SREM', ARGV[4], entry)
+end
+wh_occupancy(topic, cjson.decode(entry), before)
+return 0
+"#;
+
+/// ARGV: prefix, app id, name, channel, then the event's other fields (name, value, ...). An
+/// event one node sees alone (a client event, its subscription count, an API publish for the
+/// event stream).
+const EVENT: &str = r#"
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+wh_add(ARGV[1], ARGV[2], ARGV[3], ARGV[4], fields)
+return 0
+"#;
+
+/// ARGV: prefix, most to take. Sends the departures whose 3 s are over and that nothing
+/// cancelled (the channel is still empty, the user still gone from it). Returns how many went.
+const DEPARTURES: &str = r#"
+local prefix = ARGV[1]
+local delay = prefix .. ':wh:delay'
+local due = redis.call('ZRANGEBYSCORE', delay, '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  redis.call('ZREM', delay, m)
+  local ok, d = pcall(cjson.decode, m)
+  if ok and type(d) == 'table' and type(d[1]) == 'string' and type(d[2]) == 'string' then
+    local topic = prefix .. ':{' .. d[1] .. ':' .. d[2] .. '}'
+    if type(d[3]) == 'string' then
+      if not elsewhere(topic, '', d[3]) then
+        wh_add(prefix, d[1], 'member_removed', d[2], {'user_id', d[3]})
+      end
+    elseif total(topic) == 0 then
+      wh_add(prefix, d[1], 'channel_vacated', d[2], {})
+    end
+  end
+end
+return #due
+"#;
+
+/// Every script, as each link loads them when it connects (commands send only their SHA-1).
+const SCRIPTS: [&str; 12] = [
+    JOIN,
+    LEAVE,
+    SYNC,
+    HEARTBEAT,
+    PUBLISH_CACHED,
+    CACHED,
+    CHANNEL_STATS,
+    MEMBERS,
+    CHANNELS,
+    OCCUPANCY,
+    EVENT,
+    DEPARTURES,
+];
 
 /// The commands and replies of the shared state, for one node instance.
 pub struct State {
@@ -295,9 +452,45 @@ pub struct ClusterStats {
     pub user_count: u32,
 }
 
+/// Each script's body, full text (the helpers and the body) and SHA-1, made once.
+fn scripts() -> &'static [(&'static str, String, String)] {
+    static SCRIPTS_LOADED: std::sync::OnceLock<Vec<(&'static str, String, String)>> =
+        std::sync::OnceLock::new();
+    SCRIPTS_LOADED.get_or_init(|| {
+        let texts = SCRIPTS
+            .iter()
+            .map(|body| (*body, format!("{HELPERS}{body}")));
+        let with_sha = texts.map(|(body, text)| {
+            let sha = redis::Script::new(&text).get_hash().to_owned();
+            (body, text, sha)
+        });
+        with_sha.collect()
+    })
+}
+
+/// `SCRIPT LOAD` of every script, for a link to send when it connects.
+pub fn load_scripts() -> Vec<redis::Cmd> {
+    let load =
+        |(_, text, _): &(&str, String, String)| redis::cmd("SCRIPT").arg("LOAD").arg(text).clone();
+    scripts().iter().map(load).collect()
+}
+
+/// The SHA-1 the heartbeat is sent by (tests tell a shard's heartbeat link by it).
+pub fn heartbeat_sha() -> &'static str {
+    let found = scripts().iter().find(|(body, ..)| *body == HEARTBEAT);
+    found.map_or("", |(_, _, sha)| sha.as_str())
+}
+
+/// A script's command: `EVALSHA` (each link loaded every script when it connected).
 fn script(body: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(format!("{HELPERS}{body}")).arg(0);
+    let known = scripts()
+        .iter()
+        .find(|(b, ..)| b.len() == body.len() && *b == body);
+    let mut cmd = match known {
+        Some((_, _, sha)) => redis::cmd("EVALSHA").arg(sha).clone(),
+        None => redis::cmd("EVAL").arg(format!("{HELPERS}{body}")).clone(),
+    };
+    cmd.arg(0);
     cmd
 }
 
@@ -325,33 +518,31 @@ impl State {
         format!("{}:node:{}", self.prefix, self.owner)
     }
 
-    /// Sets this node's subscriber count of a channel (0 removes it). `first` adds the channel
-    /// to the node's index (the count went from 0 to 1; a count of 0 removes it anyway).
+    /// Sets this node's subscriber count of a channel (0 removes it). `crossed_zero`: the
+    /// count went from 0 to 1 (or to 0), which also writes the node's index and may change
+    /// whether the channel is occupied anywhere (one script); other counts are a plain write.
     pub fn count(
         &self,
         topic: &[u8],
         app_id: &str,
         channel: &str,
         count: u32,
-        first: bool,
-    ) -> Vec<redis::Cmd> {
+        crossed_zero: bool,
+    ) -> redis::Cmd {
+        if crossed_zero || count == 0 {
+            let mut cmd = script(OCCUPANCY);
+            cmd.arg(topic).arg(&self.owner);
+            cmd.arg(Self::entry(app_id, channel)).arg(self.index());
+            cmd.arg(count);
+            return cmd;
+        }
         let mut subs = topic.to_vec();
         subs.extend_from_slice(b":subs");
-        let entry = Self::entry(app_id, channel);
-        let mut cmds = Vec::with_capacity(2);
-        // The index first and last: a node killed between two writes never leaves a count or
-        // a member that the survivors cannot find through its index.
-        let owner = &self.owner;
-        if count > 0 {
-            if first {
-                cmds.push(redis::cmd("SADD").arg(self.index()).arg(entry).clone());
-            }
-            cmds.push(redis::cmd("HSET").arg(subs).arg(owner).arg(count).clone());
-        } else {
-            cmds.push(redis::cmd("HDEL").arg(subs).arg(owner).clone());
-            cmds.push(redis::cmd("SREM").arg(self.index()).arg(entry).clone());
-        }
-        cmds
+        redis::cmd("HSET")
+            .arg(subs)
+            .arg(&self.owner)
+            .arg(count)
+            .clone()
     }
 
     /// A user's first connection on this node joined a presence channel.
@@ -454,11 +645,48 @@ impl State {
         cmd
     }
 
-    /// Asks for a cache channel's last event (`cached_of`).
-    pub fn cached(&self, topic: &[u8]) -> redis::Cmd {
+    /// Asks for a cache channel's last event (`cached_of`). For a subscriber (`miss_window_ms`
+    /// > 0), a miss makes a `cache_miss` event for the app's webhooks, at most one per window.
+    pub fn cached(
+        &self,
+        topic: &[u8],
+        (app_id, channel): (&str, &str),
+        miss_window_ms: u64,
+    ) -> redis::Cmd {
         let mut cmd = script(CACHED);
-        cmd.arg(topic);
+        cmd.arg(topic).arg(Self::entry(app_id, channel));
+        cmd.arg(miss_window_ms);
         cmd
+    }
+
+    /// An event this node alone sees, for the app's webhooks and event stream: `name`, the
+    /// channel, then the event's other fields.
+    pub fn event(
+        &self,
+        app_id: &str,
+        name: &str,
+        channel: &str,
+        fields: &[(&str, &str)],
+    ) -> redis::Cmd {
+        let mut cmd = script(EVENT);
+        cmd.arg(&self.prefix).arg(app_id).arg(name).arg(channel);
+        for (field, value) in fields {
+            cmd.arg(*field).arg(*value);
+        }
+        cmd
+    }
+
+    /// Sends the departures (`channel_vacated`, `member_removed`) whose delay is over, at most
+    /// `most` of them (the reply: how many went).
+    pub fn departures(&self, most: usize) -> redis::Cmd {
+        let mut cmd = script(DEPARTURES);
+        cmd.arg(&self.prefix).arg(most);
+        cmd
+    }
+
+    /// The key prefix of the cluster's keys.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Asks for each node's subscriber count of a channel (`counts_of`).

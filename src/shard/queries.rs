@@ -89,7 +89,9 @@ impl Shard {
         let stats = stats.ok_or(ClusterUnavailable)?;
         let cached = match with_cache {
             true => {
-                let reply = cluster.link.ask(&cluster.state.cached(&topic)).await;
+                let app_id = &self.node.app(key.app).id;
+                let ask = cluster.state.cached(&topic, (app_id, &key.name), 0);
+                let reply = cluster.link.ask(&ask).await;
                 let cached = reply.as_ref().and_then(state::cached_of);
                 let cached = cached.ok_or(ClusterUnavailable)?;
                 cached.and_then(|(payload, ttl_ms)| {

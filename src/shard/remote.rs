@@ -108,10 +108,10 @@ impl Shard {
             self.sync_channel(cluster, key, SyncKind::First);
         }
         let token = self.new_id();
-        if !cluster
-            .link
-            .state_command_then_event(&cluster.state.cached(topic), token)
-        {
+        let app_id = &self.node.app(key.app).id;
+        let window_ms = (self.node.config.webhooks.cache_miss_window as u64 * 1000).max(1);
+        let ask = cluster.state.cached(topic, (app_id, &key.name), window_ms);
+        if !cluster.link.state_command_then_event(&ask, token) {
             return Some(announcement);
         }
         self.cache_asks.borrow_mut().insert(token, announcement);

@@ -98,13 +98,10 @@ impl Shard {
         crossed_zero: bool,
     ) -> bool {
         let app_id = &self.node.app(key.app).id;
-        let mut sent = true;
-        for cmd in cluster
+        let count = cluster
             .state
-            .count(topic, app_id, &key.name, total, crossed_zero)
-        {
-            sent &= cluster.link.state_command(&cmd);
-        }
+            .count(topic, app_id, &key.name, total, crossed_zero);
+        let mut sent = cluster.link.state_command(&count);
         if self.counts_announced(key) || (is_user(key) && crossed_zero) {
             let announce = cluster
                 .state
