@@ -179,6 +179,11 @@ pub struct AppConfig {
     pub batch_webhooks: bool,
     /// The app's webhooks (`[[apps.webhooks]]` tables).
     pub webhooks: Vec<WebhookConfig>,
+    /// In a cluster: every event a webhook could report, and every HTTP API publish, is also
+    /// appended to the Redis stream `{prefix}:events:{app_id}` for consumers of one's own.
+    pub event_stream: bool,
+    /// Entries the event stream keeps (about: Redis trims whole blocks), the oldest go first.
+    pub event_stream_length: u32,
 }
 
 /// One webhook of an app: where to send which events.
@@ -260,6 +265,12 @@ pub struct WebhooksConfig {
     pub cache_miss_window: u32,
     /// PEM file of CA certificates trusted for `https://` webhooks besides the public roots.
     pub ca_file: String,
+    /// In a cluster: events an app's webhook queue in Redis may hold; beyond, new events are
+    /// counted (in Redis) and logged, not queued.
+    pub max_pending_in_redis: u32,
+    /// In a cluster: seconds after which a webhook held by a node that stopped renewing its
+    /// hold (it died) is taken over by another node.
+    pub claim_after: u32,
 }
 
 impl Default for WebhooksConfig {
@@ -274,6 +285,8 @@ impl Default for WebhooksConfig {
             batch_max_events: 100,
             cache_miss_window: 5,
             ca_file: String::new(),
+            max_pending_in_redis: 1_000_000,
+            claim_after: 30,
         }
     }
 }
@@ -339,6 +352,8 @@ impl Default for AppConfig {
             max_subscriptions_per_connection: 256,
             batch_webhooks: false,
             webhooks: Vec::new(),
+            event_stream: false,
+            event_stream_length: 100_000,
         }
     }
 }
@@ -499,6 +514,7 @@ impl WebhooksConfig {
             ("max_in_flight_per_app", self.max_in_flight_per_app),
             ("max_pending", self.max_pending),
             ("batch_max_events", self.batch_max_events),
+            ("max_pending_in_redis", self.max_pending_in_redis as usize),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -507,6 +523,13 @@ impl WebhooksConfig {
         }
         if self.workers > 1024 {
             return Err(err(source, &key("workers"), "must be at most 1024"));
+        }
+        if self.claim_after < 3 {
+            return Err(err(
+                source,
+                &key("claim_after"),
+                "must be at least 3 seconds",
+            ));
         }
         if self.batch_window_ms > 10_000 {
             return Err(err(
@@ -904,11 +927,17 @@ impl Config {
             for (j, hook) in app.webhooks.iter().enumerate() {
                 let key = |field: &str| format!("apps[{i}].webhooks[{j}].{field}");
                 hook.validate(app, source, &key)?;
-                if self.cluster.is_some() {
-                    let reason = "webhooks of a cluster node are not supported yet (issue 11's \
-                                  second part)";
-                    return Err(err(source, &key("url"), reason));
-                }
+            }
+            if app.event_stream && self.cluster.is_none() {
+                let reason = "the event stream is kept in Redis: set [cluster] redis_url";
+                return Err(err(source, &key("event_stream"), reason));
+            }
+            if app.event_stream_length == 0 {
+                return Err(err(
+                    source,
+                    &key("event_stream_length"),
+                    "must be greater than 0",
+                ));
             }
         }
         self.webhooks.validate(source)

@@ -1,7 +1,8 @@
 //! What arrives from Redis, on arbitrary bytes: the RESP3 stream of a shard's link
 //! (`cluster::link::RespReader`, fed in pieces cut where byte 0 says), each value read as every
 //! kind of reply the shared state expects (`cluster::state`), the message formats of
-//! `cluster::decode` and `state::decode_change`, and `ws::is_complete_text_frame`, which
+//! `cluster::decode` and `state::decode_change`, the webhook queue's stream entries
+//! (`webhooks::entries`, `Event::from_entry`), and `ws::is_complete_text_frame`, which
 //! stands between another node's frame and the sockets here.
 //!
 //! Checked: no panic; the stream parses to the same values however it is cut; a decoded
@@ -12,6 +13,7 @@
 use libfuzzer_sys::fuzz_target;
 use shardpush::cluster::{decode, link::RespReader, state};
 use shardpush::protocol::ws;
+use shardpush::webhooks::{entries, Event};
 
 fn values(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
     let mut reader = RespReader::default();
@@ -25,6 +27,16 @@ fn values(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
             let _ = state::cached_of(&v);
             let _ = state::channels_of(&v);
             let _ = state::heartbeat_of(&v);
+            // The webhook queue's replies: new entries, claimed entries, consumers.
+            for (_, entries) in entries::streams_of(&v) {
+                for (_, fields) in entries {
+                    let _ = Event::from_entry(&fields);
+                }
+            }
+            for (_, fields) in entries::claimed_of(&v).1 {
+                let _ = Event::from_entry(&fields);
+            }
+            let _ = entries::pairs_of(&v);
             out.push(format!("{v:?}"));
             Ok(())
         })?;

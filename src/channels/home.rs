@@ -40,6 +40,9 @@ pub struct HomeChannel {
     pub count_sent: Option<std::time::Instant>,
     /// A count change waits for the throttle (the sweeper sends it).
     pub count_pending: bool,
+    /// This node's own count changed since the last `subscription_count` went out (in a
+    /// cluster, only that node reports the change to webhooks).
+    pub count_changed_here: bool,
 }
 
 /// What a join did to a presence channel.
@@ -62,6 +65,7 @@ impl HomeChannel {
             sync_token: None,
             count_sent: None,
             count_pending: false,
+            count_changed_here: false,
         }
     }
 

@@ -358,6 +358,19 @@ async fn publish(shard: &Shard, app: u32, events: &[Event]) -> Result<(), ApiErr
         }
     }
     let refused = shard.publish_all(publications).await;
+    if refused == 0 && shard.node().app(app).event_stream {
+        for event in events {
+            let socket_id = match (event.except, &event.except_elsewhere) {
+                (Some(conn), _) => shard.node().socket_id(conn),
+                (None, Some(elsewhere)) => elsewhere.to_string(),
+                (None, None) => String::new(),
+            };
+            for channel in &event.channels {
+                let key = ChannelKey::new(app, channel);
+                shard.stream_api_event(&key, &event.name, &event.data, &socket_id);
+            }
+        }
+    }
     if refused > 0 {
         return Err(fail(
             503,

@@ -328,7 +328,12 @@ impl Shard {
                     self.user_status(key, joined);
                 }
             }
-            _ if self.counts_announced(key) => self.send_subscription_count(key, Instant::now()),
+            _ if self.counts_announced(key) => {
+                if let Some(c) = self.home.channels.borrow_mut().get_mut(key) {
+                    c.count_changed_here = true;
+                }
+                self.send_subscription_count(key, Instant::now())
+            }
             _ => {}
         }
     }
@@ -343,7 +348,7 @@ impl Shard {
 
     /// Sends the current count to every subscriber, or marks it pending while throttled.
     pub(super) fn send_subscription_count(&self, key: &ChannelKey, now: Instant) {
-        let (targets, count) = {
+        let (targets, count, changed_here) = {
             let mut channels = self.home.channels.borrow_mut();
             let Some(channel) = channels.get_mut(key) else {
                 return;
@@ -361,14 +366,17 @@ impl Shard {
             }
             channel.count_sent = Some(now);
             channel.count_pending = false;
-            (channel.shards().collect::<Vec<_>>(), count)
+            let changed_here = std::mem::take(&mut channel.count_changed_here);
+            (channel.shards().collect::<Vec<_>>(), count, changed_here)
         };
-        self.webhook(key, WebhookEventType::SubscriptionCount, || {
-            Event::SubscriptionCount {
-                channel: key.name.to_string(),
-                count,
-            }
-        });
+        if changed_here {
+            self.webhook(key, WebhookEventType::SubscriptionCount, || {
+                Event::SubscriptionCount {
+                    channel: key.name.to_string(),
+                    count,
+                }
+            });
+        }
         let frame = events::subscription_count(&key.name, count);
         self.broadcast(&targets, key, Arc::from(frame), None);
     }

@@ -195,16 +195,58 @@ impl Shard {
         &self.node
     }
 
-    /// Hands a webhook event to the webhooks when one of the app's webhooks may want its kind;
-    /// `event` is only built then.
+    /// Hands a webhook event to the webhooks when one of the app's webhooks (or its event
+    /// stream) may want its kind; `event` is only built then. In a cluster, Redis decides the
+    /// events of the whole cluster (occupancy, members, cache misses) in the scripts that
+    /// change its state; a node reports only what it alone sees, into the app's queue there.
     #[inline]
     pub fn webhook(&self, key: &ChannelKey, kind: WebhookEventType, event: impl FnOnce() -> Event) {
         let Some(webhooks) = &self.node.webhooks else {
             return;
         };
         // Signed-in users' channels are the server's own, never reported.
-        if webhooks.wants(key.app, kind) && key.user_id().is_none() {
-            webhooks.emit(key.app, event());
+        if !webhooks.wants(key.app, kind) || key.user_id().is_some() {
+            return;
+        }
+        let Some(cluster) = &self.cluster else {
+            return webhooks.emit(key.app, event());
+        };
+        if matches!(
+            kind,
+            WebhookEventType::ClientEvent | WebhookEventType::SubscriptionCount
+        ) {
+            let event = event();
+            let app_id = &self.node.app(key.app).id;
+            let fields = event.entry_fields();
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(f, v)| (*f, v.as_str())).collect();
+            let cmd = cluster
+                .state
+                .event(app_id, event.name(), event.channel(), &fields);
+            if !cluster.link.command(&cmd) {
+                webhooks
+                    .stats
+                    .drop_events(1, "the Redis link's queue was full");
+            }
+        }
+    }
+
+    /// In a cluster, appends an accepted HTTP API publish to the app's event stream (`data` as
+    /// a JSON string literal; `socket_id` empty when none was excluded).
+    pub fn stream_api_event(&self, key: &ChannelKey, event: &str, data: &str, socket_id: &str) {
+        let (Some(cluster), Some(webhooks)) = (&self.cluster, &self.node.webhooks) else {
+            return;
+        };
+        let app_id = &self.node.app(key.app).id;
+        let data = sonic_rs::from_str::<String>(data).unwrap_or_default();
+        let mut fields = vec![("event", event), ("data", data.as_str())];
+        if !socket_id.is_empty() {
+            fields.push(("socket_id", socket_id));
+        }
+        let cmd = cluster.state.event(app_id, "api_event", &key.name, &fields);
+        if !cluster.link.command(&cmd) {
+            webhooks
+                .stats
+                .drop_events(1, "the Redis link's queue was full");
         }
     }
 

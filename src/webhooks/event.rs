@@ -86,9 +86,9 @@ impl Event {
         }
     }
 
-    /// Appends the event as an object of the webhook body's `events` list.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        let name = match self.kind() {
+    /// Its `name` in a webhook body.
+    pub fn name(&self) -> &'static str {
+        match self.kind() {
             WebhookEventType::ChannelOccupied => "channel_occupied",
             WebhookEventType::ChannelVacated => "channel_vacated",
             WebhookEventType::MemberAdded => "member_added",
@@ -96,9 +96,82 @@ impl Event {
             WebhookEventType::ClientEvent => "client_event",
             WebhookEventType::CacheMiss => "cache_miss",
             WebhookEventType::SubscriptionCount => "subscription_count",
+        }
+    }
+
+    /// The fields of its Redis stream entry besides `name`, `channel` and `time_ms` (the
+    /// format the README documents for the event stream): plain strings, `data` decoded.
+    pub fn entry_fields(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Event::MemberAdded { user_id, .. } | Event::MemberRemoved { user_id, .. } => {
+                vec![("user_id", user_id.clone())]
+            }
+            Event::ClientEvent {
+                event,
+                data_literal,
+                socket_id,
+                user_id,
+                ..
+            } => {
+                let data = sonic_rs::from_str::<String>(data_literal).unwrap_or_default();
+                let mut fields = vec![
+                    ("event", event.clone()),
+                    ("data", data),
+                    ("socket_id", socket_id.clone()),
+                ];
+                if let Some(user_id) = user_id {
+                    fields.push(("user_id", user_id.clone()));
+                }
+                fields
+            }
+            Event::SubscriptionCount { count, .. } => {
+                vec![("subscription_count", count.to_string())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The event of a Redis stream entry (field, value pairs), and its `time_ms`. None: not an
+    /// entry shardpush writes (Redis is input too: nothing here trusts it).
+    pub fn from_entry(fields: &[(String, String)]) -> Option<(Event, u64)> {
+        let field = |name: &str| {
+            let found = fields.iter().find(|(f, _)| f == name);
+            found.map(|(_, v)| v.clone())
         };
+        let channel = field("channel")?;
+        let time_ms = field("time_ms")?.parse().ok()?;
+        let event = match field("name")?.as_str() {
+            "channel_occupied" => Event::ChannelOccupied { channel },
+            "channel_vacated" => Event::ChannelVacated { channel },
+            "member_added" => Event::MemberAdded {
+                channel,
+                user_id: field("user_id")?,
+            },
+            "member_removed" => Event::MemberRemoved {
+                channel,
+                user_id: field("user_id")?,
+            },
+            "client_event" => Event::ClientEvent {
+                channel,
+                event: field("event")?,
+                data_literal: crate::protocol::json::str_literal(&field("data")?),
+                socket_id: field("socket_id")?,
+                user_id: field("user_id"),
+            },
+            "cache_miss" => Event::CacheMiss { channel },
+            "subscription_count" => Event::SubscriptionCount {
+                channel,
+                count: field("subscription_count")?.parse().ok()?,
+            },
+            _ => return None,
+        };
+        Some((event, time_ms))
+    }
+
+    /// Appends the event as an object of the webhook body's `events` list.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"name\":\"");
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(self.name().as_bytes());
         out.extend_from_slice(b"\",\"channel\":");
         push_str_literal(out, self.channel());
         match self {
@@ -199,6 +272,39 @@ mod tests {
             json(&count),
             serde_json::json!({"name": "subscription_count", "channel": "c", "subscription_count": 42})
         );
+    }
+
+    #[test]
+    fn stream_entries_give_back_the_event() {
+        let events = [
+            Event::ClientEvent {
+                channel: "presence-x".into(),
+                event: "client-a".into(),
+                data_literal: "\"{\\\"a\\\":[1]}\"".into(),
+                socket_id: "1.2".into(),
+                user_id: Some("u".into()),
+            },
+            Event::MemberRemoved {
+                channel: "presence-x".into(),
+                user_id: "u".into(),
+            },
+            Event::SubscriptionCount {
+                channel: "c".into(),
+                count: 7,
+            },
+        ];
+        for event in events {
+            let mut fields = vec![
+                ("name".to_string(), event.name().to_string()),
+                ("channel".to_string(), event.channel().to_string()),
+                ("time_ms".to_string(), "123".to_string()),
+            ];
+            let entry = event.entry_fields().into_iter();
+            fields.extend(entry.map(|(f, v)| (f.to_string(), v)));
+            assert_eq!(Event::from_entry(&fields), Some((event, 123)));
+        }
+        let missing = [("name".to_string(), "member_added".to_string())];
+        assert_eq!(Event::from_entry(&missing), None);
     }
 
     #[test]

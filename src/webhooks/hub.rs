@@ -2,6 +2,7 @@
 //! requests (one per webhook that wants the event, or a batch), keeps each app within its
 //! requests in flight, and schedules retries; the workers only send.
 
+use super::durable::{Entry, ToRedis};
 use super::event::{self, Event};
 use super::gate::Gate;
 use super::sender::Outcome;
@@ -10,7 +11,7 @@ use crate::auth::hmac_sha256_hex;
 use crate::config::WebhooksConfig;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,6 +29,13 @@ pub enum Inbox {
         app: u32,
         /// What happened.
         event: Event,
+    },
+    /// Entries read from an app's queue in Redis (a cluster).
+    Entries {
+        /// The app's index in the configuration.
+        app: u32,
+        /// The entries, in order.
+        entries: Vec<Entry>,
     },
     /// A worker finished an attempt.
     Done {
@@ -58,6 +66,10 @@ const GIVE_UP_LOG_EVERY: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct Batch {
     events: Vec<Vec<u8>>,
+    /// In a cluster: the queue entries of the events.
+    entries: Vec<String>,
+    /// In a cluster: when the earliest event happened.
+    time_ms: Option<u64>,
     /// When the batch goes out (set by its first event).
     deadline: Option<Instant>,
 }
@@ -84,6 +96,34 @@ pub struct Hub {
     id_prefix: String,
     next_id: u64,
     finishing: bool,
+    /// In a cluster: the queue in Redis.
+    durable: Option<DurableLink>,
+}
+
+/// The hub's side of the Redis queue (a cluster).
+pub struct DurableLink {
+    /// Orders for the Redis thread.
+    pub orders: Sender<ToRedis>,
+    /// Events the hub can take on; the Redis thread reads no more than this.
+    pub room: Arc<AtomicUsize>,
+    /// How often held entries are touched.
+    pub touch_every: Duration,
+    touched_at: Instant,
+    /// Per app and entry id, the requests that still carry it.
+    refs: ahash::AHashMap<(u32, String), usize>,
+}
+
+impl DurableLink {
+    /// The link for a Redis thread taking `orders`.
+    pub fn new(orders: Sender<ToRedis>, room: Arc<AtomicUsize>, touch_every: Duration) -> Self {
+        DurableLink {
+            orders,
+            room,
+            touch_every,
+            touched_at: Instant::now(),
+            refs: ahash::AHashMap::new(),
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -106,6 +146,7 @@ impl Hub {
         stats: Arc<Stats>,
         id_prefix: u32,
         workers: Sender<Request>,
+        durable: Option<DurableLink>,
     ) -> Hub {
         let batches = apps
             .iter()
@@ -131,6 +172,7 @@ impl Hub {
             id_prefix: format!("{id_prefix}-{:x}", now_ms()),
             next_id: 0,
             finishing: false,
+            durable,
         }
     }
 
@@ -150,6 +192,7 @@ impl Hub {
             }
             self.run_due(Instant::now());
             self.dispatch();
+            self.keep_entries();
             if self.finishing && self.pending() == 0 {
                 let _ = finished.try_send(());
             }
@@ -159,6 +202,11 @@ impl Hub {
     fn handle(&mut self, message: Inbox) {
         match message {
             Inbox::Event { app, event } => self.accept(app, event),
+            Inbox::Entries { app, entries } => {
+                for entry in entries {
+                    self.accept_entry(app, entry);
+                }
+            }
             Inbox::Done { request, outcome } => self.done(request, outcome),
             Inbox::Finish => self.finishing = true,
             Inbox::Pending(reply) => {
@@ -178,16 +226,95 @@ impl Hub {
             return self.stats.drop_events(1, reason);
         }
         if let Some(event) = self.gate.admit(app, event, Instant::now()) {
-            self.route(app, &event);
+            self.route(app, &event, None);
         }
     }
 
-    /// Gives the event to each of the app's webhooks that wants it.
-    fn route(&mut self, app: u32, event: &Event) {
-        let apps = self.apps.clone();
-        let Some(hooks) = apps.get(app as usize) else {
+    /// An entry of the app's queue in Redis: Redis already applied the gate's rules.
+    fn accept_entry(&mut self, app: u32, entry: Entry) {
+        let Some(durable) = &mut self.durable else {
             return;
         };
+        let key = (app, entry.id);
+        // Claimed again while still held here (a late touch): it is already on its way.
+        if durable.refs.contains_key(&key) {
+            return;
+        }
+        let id = key.1;
+        let routed = self.route(app, &entry.event, Some((&id, entry.time_ms)));
+        let Some(durable) = &mut self.durable else {
+            return;
+        };
+        if routed == 0 {
+            // No webhook of this node's configuration wants it.
+            let _ = durable.orders.send(ToRedis::Done { app, ids: vec![id] });
+        } else {
+            durable.refs.insert((app, id), routed);
+        }
+    }
+
+    /// In a cluster: touches the entries held here now and then, reports the room left.
+    fn keep_entries(&mut self) {
+        let pending = self.pending();
+        let max = self.settings.max_pending;
+        let Some(durable) = &mut self.durable else {
+            return;
+        };
+        durable
+            .room
+            .store(max.saturating_sub(pending), Ordering::Relaxed);
+        if durable.touched_at.elapsed() < durable.touch_every {
+            return;
+        }
+        durable.touched_at = Instant::now();
+        let mut held: Vec<Vec<String>> = vec![Vec::new(); self.apps.len()];
+        for (app, id) in durable.refs.keys() {
+            held[*app as usize].push(id.clone());
+        }
+        for (app, ids) in held.into_iter().enumerate() {
+            for ids in ids.chunks(1000) {
+                let touch = ToRedis::Touch {
+                    app: app as u32,
+                    ids: ids.to_vec(),
+                };
+                let _ = durable.orders.send(touch);
+            }
+        }
+    }
+
+    /// In a cluster: a request is done with (delivered or given up); its entries are done
+    /// with once no other request carries them.
+    fn release_entries(&mut self, app: u32, entries: Vec<String>) {
+        let Some(durable) = &mut self.durable else {
+            return;
+        };
+        let mut done = Vec::new();
+        for id in entries {
+            let key = (app, id);
+            match durable.refs.get_mut(&key) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    durable.refs.remove(&key);
+                    done.push(key.1);
+                }
+                None => {}
+            }
+        }
+        if !done.is_empty() {
+            let _ = durable.orders.send(ToRedis::Done { app, ids: done });
+        }
+    }
+
+    /// Gives the event to each of the app's webhooks that wants it; `entry` is its queue entry
+    /// in Redis and when it happened (a cluster). Returns how many webhooks took it.
+    fn route(&mut self, app: u32, event: &Event, entry: Option<(&str, u64)>) -> usize {
+        let apps = self.apps.clone();
+        let Some(hooks) = apps.get(app as usize) else {
+            return 0;
+        };
+        let mut routed = 0;
+        let entries = || entry.map(|(id, _)| id.to_string()).into_iter().collect();
+        let time_ms = entry.map(|(_, t)| t);
         let mut json = Vec::new();
         for (i, hook) in hooks.hooks.iter().enumerate() {
             if !hook.wants(event) {
@@ -197,12 +324,17 @@ impl Hub {
                 event.write_json(&mut json);
             }
             self.held += 1;
+            routed += 1;
             if !hooks.batch {
-                self.make_request(app, i, vec![json.clone()]);
+                self.make_request(app, i, vec![json.clone()], entries(), time_ms);
                 continue;
             }
             let batch = &mut self.batches[app as usize][i];
             batch.events.push(json.clone());
+            batch.entries.extend(entry.map(|(id, _)| id.to_string()));
+            if let Some(t) = time_ms {
+                batch.time_ms = Some(batch.time_ms.map_or(t, |b| b.min(t)));
+            }
             let window = Duration::from_millis(self.settings.batch_window_ms as u64);
             batch
                 .deadline
@@ -211,28 +343,45 @@ impl Hub {
                 self.flush_batch(app, i);
             }
         }
+        routed
     }
 
     fn flush_batch(&mut self, app: u32, hook: usize) {
         let batch = &mut self.batches[app as usize][hook];
         batch.deadline = None;
         let events = std::mem::take(&mut batch.events);
+        let entries = std::mem::take(&mut batch.entries);
+        let time_ms = batch.time_ms.take();
         if !events.is_empty() {
-            self.make_request(app, hook, events);
+            self.make_request(app, hook, events, entries, time_ms);
         }
     }
 
-    /// Makes, signs and queues the request for these events (written as JSON).
-    fn make_request(&mut self, app: u32, hook: usize, events: Vec<Vec<u8>>) {
-        let time_ms = now_ms();
+    /// Makes, signs and queues the request for these events (written as JSON). In a cluster,
+    /// `entries` are their queue entries, whose ids are the request's id (the same whichever
+    /// node sends it), and `time_ms` when the earliest happened.
+    fn make_request(
+        &mut self,
+        app: u32,
+        hook: usize,
+        events: Vec<Vec<u8>>,
+        entries: Vec<String>,
+        time_ms: Option<u64>,
+    ) {
+        let time_ms = time_ms.unwrap_or_else(now_ms);
         let body = event::body(time_ms, &events);
         let signature = hmac_sha256_hex(self.apps[app as usize].secret.as_bytes(), &body);
-        let id = format!("{}-{}", self.id_prefix, self.next_id);
-        self.next_id += 1;
+        let id = if entries.is_empty() {
+            self.next_id += 1;
+            format!("{}-{}", self.id_prefix, self.next_id - 1)
+        } else {
+            entries.join(",")
+        };
         self.ready[app as usize].push_back(Request {
             app,
             hook,
             events: events.len(),
+            entries,
             body,
             signature,
             id,
@@ -314,6 +463,7 @@ impl Hub {
             }
         }
         self.held = self.held.saturating_sub(request.events);
+        self.release_entries(request.app, request.entries);
     }
 
     /// Logs give-ups that came too soon after the last line about them to be logged then.
@@ -349,7 +499,7 @@ impl Hub {
     /// Departures whose delay is over, batches whose window is over, retries that are due.
     fn run_due(&mut self, now: Instant) {
         for (app, event) in self.gate.due(now, self.finishing) {
-            self.route(app, &event);
+            self.route(app, &event, None);
         }
         for app in 0..self.batches.len() {
             for hook in 0..self.batches[app].len() {

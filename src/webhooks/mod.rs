@@ -11,6 +11,8 @@
 //! Everything pending lives in the hub's memory, bounded by `[webhooks] max_pending`; what
 //! exceeds a bound is counted and logged.
 
+mod durable;
+pub mod entries;
 pub mod event;
 mod gate;
 mod hub;
@@ -96,6 +98,8 @@ pub struct Request {
     hook: usize,
     /// Events in the body.
     events: usize,
+    /// In a cluster: the queue entries of the events.
+    entries: Vec<String>,
     body: Vec<u8>,
     signature: String,
     id: String,
@@ -120,7 +124,7 @@ pub struct Stats {
 
 impl Stats {
     /// Counts `n` dropped events; logs the first drop and each time the total doubles.
-    fn drop_events(&self, n: u64, why: &str) {
+    pub fn drop_events(&self, n: u64, why: &str) {
         let before = self.dropped.fetch_add(n, Ordering::Relaxed);
         let after = before + n;
         if before == 0 || (before + 1).next_power_of_two() <= after {
@@ -141,13 +145,25 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// Starts the hub and its workers; None when no app has a webhook.
-    pub fn start(config: &Config, id_prefix: u32) -> io::Result<Option<Webhooks>> {
-        if config.apps.iter().all(|a| a.webhooks.is_empty()) {
+    /// Starts the hub and its workers (and in a cluster, the thread of the queue in Redis);
+    /// None when no app has a webhook or an event stream. `instance` is this process's number
+    /// (the socket id prefix, also the cluster's instance).
+    pub fn start(config: &Config, instance: u32) -> io::Result<Option<Webhooks>> {
+        let streams = |a: &AppConfig| a.event_stream && config.cluster.is_some();
+        if config
+            .apps
+            .iter()
+            .all(|a| a.webhooks.is_empty() && !streams(a))
+        {
             return Ok(None);
         }
         let apps: Arc<[AppHooks]> = config.apps.iter().map(AppHooks::of).collect();
-        let emitted = apps.iter().map(AppHooks::emitted_types).collect();
+        let queued: Vec<u8> = apps.iter().map(AppHooks::emitted_types).collect();
+        // An event stream takes every kind of event.
+        let every_kind = u8::MAX;
+        let emitted = (config.apps.iter().zip(&queued))
+            .map(|(app, &bits)| if streams(app) { every_kind } else { bits })
+            .collect();
         let settings = &config.webhooks;
         let agent = sender::agent(settings).map_err(io::Error::other)?;
         let stats = Arc::new(Stats::default());
@@ -162,7 +178,27 @@ impl Webhooks {
                 .spawn(move || sender::work(jobs, hub, agent, apps))?;
         }
         let (finished_tx, finished) = mpsc::sync_channel(1);
-        let hub = hub::Hub::new(apps, settings.clone(), stats.clone(), id_prefix, jobs);
+        let durable = match durable::Durable::new(config, instance, &queued) {
+            Some(queue) => {
+                let (orders, orders_rx) = mpsc::channel();
+                let room = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let link = hub::DurableLink::new(orders, room.clone(), queue.touch_every());
+                let hub = inbox.clone();
+                std::thread::Builder::new()
+                    .name("webhook-queue".into())
+                    .spawn(move || queue.run(hub, orders_rx, room))?;
+                Some(link)
+            }
+            None => None,
+        };
+        let hub = hub::Hub::new(
+            apps,
+            settings.clone(),
+            stats.clone(),
+            instance,
+            jobs,
+            durable,
+        );
         std::thread::Builder::new()
             .name("webhooks".into())
             .spawn(move || hub.run(inbox_rx, finished_tx))?;
@@ -174,7 +210,8 @@ impl Webhooks {
         }))
     }
 
-    /// Whether the shards emit events of this type for this app.
+    /// Whether the shards emit events of this type for this app (for its webhooks or, in a
+    /// cluster, its event stream).
     #[inline]
     pub fn wants(&self, app: u32, kind: WebhookEventType) -> bool {
         self.emitted

@@ -92,6 +92,11 @@ impl Receiver {
         self.state.lock().unwrap().script.extend(replies);
     }
 
+    /// Answers 200 from now on.
+    pub fn clear_script(&self) {
+        self.state.lock().unwrap().script.clear();
+    }
+
     pub fn received(&self) -> Vec<Hook> {
         self.state.lock().unwrap().received.clone()
     }

@@ -3,18 +3,27 @@
 //
 // startShardpush: starts a shardpush of the test's own with the given TOML configuration (port 0: any free
 // port), resolving to the child process with its `port` once it listens. SHARDPUSH_BIN names
-// the binary (default: the debug build).
+// the binary (default: the debug build). With `{ captureStderr: true }` the server's stderr is
+// collected in `child.stderrText` (and still copied to this process's stderr) instead of inherited.
 const { spawn } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 
-function startShardpush(toml) {
+function startShardpush(toml, { captureStderr = false } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'shardpush-e2e-'));
   const config = path.join(dir, 'config.toml');
   fs.writeFileSync(config, toml);
   const bin = process.env.SHARDPUSH_BIN || path.join(__dirname, '../../target/debug/shardpush');
-  const child = spawn(bin, ['--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const stderr = captureStderr ? 'pipe' : 'inherit';
+  const child = spawn(bin, ['--config', config], { stdio: ['ignore', 'pipe', stderr] });
+  if (captureStderr) {
+    child.stderrText = '';
+    child.stderr.on('data', (chunk) => {
+      child.stderrText += chunk;
+      process.stderr.write(chunk);
+    });
+  }
   return new Promise((resolve, reject) => {
     let out = '';
     child.stdout.on('data', (chunk) => {
