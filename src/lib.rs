@@ -6,8 +6,9 @@
 //! - `config`: TOML + environment + command line.
 //! - `log`: operator messages that can never stall or stop a thread.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
-//! - `webhooks`: events for the apps' HTTP receivers, sent from threads of their own.
 //! - `cluster`: several nodes through Redis: each shard's Redis link and the message format.
+//! - `webhooks`: events for the apps' HTTP receivers, sent from threads of their own (in a
+//!   cluster, queued in Redis).
 //! - `shard`: the runtime of one core: connections, the mesh between shards, fanout, the home
 //!   side of channels, liveness, shutdown.
 //! - `http` and `websocket`: the sessions, one per kind of socket; they drive the runtime.
