@@ -454,6 +454,10 @@ impl WebhookConfig {
         if host.is_empty() || self.url.parse::<ureq::http::Uri>().is_err() {
             return Err(err(source, &key("url"), "is not a valid http(s) URL"));
         }
+        if host.contains('@') {
+            let reason = "must not carry credentials (user:password@): put them in headers";
+            return Err(err(source, &key("url"), reason));
+        }
         if self.event_types.is_empty() {
             return Err(err(
                 source,
@@ -530,6 +534,10 @@ impl WebhooksConfig {
                 &key("claim_after"),
                 "must be at least 3 seconds",
             ));
+        }
+        if self.batch_max_events > 100 {
+            // Each event's id goes in the request's id header (in a cluster).
+            return Err(err(source, &key("batch_max_events"), "must be at most 100"));
         }
         if self.batch_window_ms > 10_000 {
             return Err(err(

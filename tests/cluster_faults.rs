@@ -1,8 +1,8 @@
 //! The cluster when its links fail in ways a plain Redis restart does not show, through a TCP
 //! proxy in front of a real `redis-server` that can hold Redis's replies, refuse connections,
 //! and cut one shard's link: a topic subscribed while a link's handshake is unanswered, a node
-//! taken for dead while only one of its links was away, and Redis restarted empty with nobody
-//! leaving.
+//! taken for dead while only one of its links was away, Redis restarted empty with nobody
+//! leaving, and a channel left while a node's links were away.
 
 mod common;
 
@@ -230,4 +230,39 @@ fn redis_restarted_empty_makes_no_member_flap() {
     let seen_a = next_member_event(&mut on_a, Duration::from_secs(8));
     let seen_b = next_member_event(&mut on_b, Duration::from_millis(100));
     assert_eq!((seen_a, seen_b), (None, None));
+}
+
+/// A node whose links are away for a moment (shorter than the node timeout, so nobody takes
+/// it for dead) while its last subscriber of a channel leaves: once the links are back, that
+/// departure reaches the cluster (the member is removed, the channel is no longer occupied).
+#[test]
+fn a_channel_left_while_the_links_were_away_is_left_in_the_cluster_too() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let a = node_at(&proxy.url(), "");
+    let b = node_at(&redis.url(), "");
+    let mut on_a = a.connect();
+    on_a.subscribe("gone");
+    on_a.subscribe_presence("presence-gone", "ua", json!(null));
+    let mut watcher = b.connect();
+    watcher.subscribe_presence("presence-gone", "w", json!(null));
+    assert_eq!(presence_users(&b, "presence-gone"), ["ua", "w"]);
+    // Every link of node A away; its client leaves meanwhile.
+    proxy.refuse.store(true, Ordering::SeqCst);
+    for (conn, _) in proxy.conns.lock().unwrap().iter() {
+        let _ = conn.shutdown(Shutdown::Both);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(on_a);
+    std::thread::sleep(Duration::from_millis(700));
+    proxy.refuse.store(false, Ordering::SeqCst);
+    assert_eq!(
+        next_member_event(&mut watcher, Duration::from_secs(8)),
+        Some(("removed".to_owned(), "ua".to_owned()))
+    );
+    eventually("the channel is no longer occupied", || {
+        let body = get_json(&b, &format!("/apps/{APP_ID}/channels"), &[]);
+        body["channels"].get("gone").is_none()
+    });
+    assert_eq!(presence_users(&b, "presence-gone"), ["w"]);
 }

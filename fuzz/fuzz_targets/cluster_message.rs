@@ -27,6 +27,7 @@ fn values(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
             let _ = state::cached_of(&v);
             let _ = state::channels_of(&v);
             let _ = state::heartbeat_of(&v);
+            let _ = state::index_of(&v);
             // The webhook queue's replies: new entries, claimed entries, consumers.
             for (_, entries) in entries::streams_of(&v) {
                 for (_, fields) in entries {

@@ -156,6 +156,12 @@ impl RedisLink {
         self.up.get()
     }
 
+    /// Has a connection that state commands are queued for (its handshake may be unanswered
+    /// yet): they will be written, in order, after the handshake.
+    pub fn is_connected(&self) -> bool {
+        self.connected.get()
+    }
+
     /// Queues a command that gets a regular reply (the reply is read and dropped; errors are
     /// logged). Returns false when the queue is full (Redis away, or not keeping up): the
     /// command is refused rather than held without bound.
@@ -305,9 +311,10 @@ impl RedisLink {
             let select = redis::cmd("SELECT").arg(self.db).get_packed_command();
             first.push(state(select, handshake));
         }
-        // Commands name the scripts by their SHA-1 only.
+        // Commands name the scripts by their SHA-1 only; a refused load (an ACL without
+        // SCRIPT, say) is refused handshake, with Redis's reason.
         for load in crate::cluster::state::load_scripts() {
-            first.push(state(load.get_packed_command(), Some(ReplyTo::Nobody)));
+            first.push(state(load.get_packed_command(), Some(ReplyTo::Handshake)));
         }
         let mut unconfirmed = self.unconfirmed.borrow_mut();
         unconfirmed.clear();

@@ -340,10 +340,17 @@ return 0
 
 /// ARGV: prefix, app id, name, channel, then the event's other fields (name, value, ...). An
 /// event one node sees alone (a client event, its subscription count, an API publish for the
-/// event stream).
+/// event stream). A subscription count is the cluster's, as Redis has it now (this node's own
+/// count was written before, on the same link).
 const EVENT: &str = r#"
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+if ARGV[3] == 'subscription_count' then
+  local topic = ARGV[1] .. ':{' .. ARGV[2] .. ':' .. ARGV[4] .. '}'
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'subscription_count' then fields[i + 1] = tostring(total(topic)) end
+  end
+end
 wh_add(ARGV[1], ARGV[2], ARGV[3], ARGV[4], fields)
 return 0
 "#;
@@ -684,6 +691,29 @@ impl State {
         cmd
     }
 
+    /// Asks for the channels of this node's index (`index_of`).
+    pub fn index_entries(&self) -> redis::Cmd {
+        redis::cmd("SMEMBERS").arg(self.index()).clone()
+    }
+
+    /// What the scripts queue and stream, per app (`P:wh:apps`): the bits of the event types
+    /// its webhooks want, its event stream's length (0: none), and the queues' bound. Every
+    /// node writes it when its links connect (nodes share their apps' configuration).
+    pub fn webhook_settings<'a>(
+        &self,
+        queue_bound: u32,
+        apps: impl Iterator<Item = (&'a str, u8, u32)>,
+    ) -> redis::Cmd {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("{}:wh:apps", self.prefix));
+        cmd.arg("#queue").arg(queue_bound);
+        for (app_id, bits, stream_length) in apps {
+            cmd.arg(app_id).arg(bits);
+            cmd.arg(format!("{app_id}:stream")).arg(stream_length);
+        }
+        cmd
+    }
+
     /// The key prefix of the cluster's keys.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -808,6 +838,20 @@ pub fn counts_of(reply: &Value) -> Option<Vec<(String, u32)>> {
             .collect(),
         _ => None,
     }
+}
+
+/// The channels of a node's index (`index_entries`), as (app id, channel); entries that are not
+/// a pair of strings are left out.
+pub fn index_of(reply: &Value) -> Vec<(String, String)> {
+    let (Value::Set(items) | Value::Array(items)) = reply else {
+        return Vec::new();
+    };
+    let entry = |item: &Value| {
+        let text = text(item)?;
+        crate::protocol::json::check_depth(text.as_bytes(), 2).ok()?;
+        sonic_rs::from_str::<(String, String)>(&text).ok()
+    };
+    items.iter().filter_map(entry).collect()
 }
 
 /// A `sync` reply.

@@ -125,6 +125,29 @@ impl Shard {
         }
     }
 
+    /// Tells the scripts what the apps' webhooks and event streams want (before this link's
+    /// state goes in, so the decisions it causes are made with it, even after Redis lost it).
+    fn write_webhook_settings(&self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let config = &self.node.config;
+        let apps = config.apps.iter().enumerate().map(|(i, app)| {
+            let webhooks = self.node.webhooks.as_ref();
+            let bits = webhooks.map_or(0, |w| w.queued(i as u32));
+            let stream = if app.event_stream {
+                app.event_stream_length
+            } else {
+                0
+            };
+            (app.id.as_str(), bits, stream)
+        });
+        let bound = config.webhooks.max_pending_in_redis;
+        cluster
+            .link
+            .command(&cluster.state.webhook_settings(bound, apps));
+    }
+
     /// The Redis topic of a channel (named by the app's id, the same on every node).
     pub(super) fn topic_of(&self, cluster: &Cluster, key: &ChannelKey) -> Vec<u8> {
         cluster.topic(&self.node.app(key.app).id, &key.name)
@@ -146,6 +169,7 @@ impl Shard {
                 if self.cluster_link_up.replace(Some(true)) != Some(true) {
                     crate::log_info!("shard {}: Redis link up", self.id);
                 }
+                self.write_webhook_settings();
                 self.reassert();
             }
             LinkEvent::Down(reason) => {

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 /// The token of the heartbeat's reply (other tokens come from `new_id`, which never makes it).
 const HEARTBEAT: u64 = u64::MAX;
+/// The token of the reply listing the node's index, after a reassertion.
+const INDEX: u64 = u64::MAX - 1;
 
 /// Why a channel's view was asked of Redis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +72,9 @@ impl Shard {
         let topic = self.topic_of(cluster, key);
         let mut sent = true;
         let mut decided = false;
-        if let Some(user_id) = left.filter(|_| cluster.link.is_up()) {
+        // Queued while a connection's handshake is unanswered too: otherwise the count below
+        // would go in without the departure, leaving the member behind in Redis.
+        if let Some(user_id) = left.filter(|_| cluster.link.is_connected()) {
             let leave = cluster.state.leave(&topic, app_id, &key.name, user_id);
             let queued = cluster.link.state_command(&leave);
             sent &= queued;
@@ -206,6 +210,35 @@ impl Shard {
         }
         for key in self.watched_users() {
             self.ask_user_nodes(cluster, &key);
+        }
+        // Channels this shard let go of while the link was away are still in Redis.
+        let ask = cluster.state.index_entries();
+        let sent = cluster.link.state_command_then_event(&ask, INDEX);
+        self.note_unsent(sent);
+    }
+
+    /// The node's index as Redis has it, after a reassertion: the channels homed on this shard
+    /// that it no longer holds (their last subscriber left while the link was away, and that
+    /// departure never reached Redis) get the node's share removed, with what that announces
+    /// (members gone, the channel vacated).
+    fn forget_unheld(&self, cluster: &Cluster, value: &redis::Value) {
+        for (app_id, channel) in state::index_of(value) {
+            let Some(app) = self.node.app_by_id(&app_id) else {
+                continue;
+            };
+            let key = ChannelKey::new(app, &channel);
+            let held = self.home.channels.borrow().get(&key).is_some();
+            if key.home(self.node.shards) != self.id || held {
+                continue;
+            }
+            let topic = self.topic_of(cluster, &key);
+            let announce = self.counts_announced(&key) || is_user(&key);
+            let none = std::iter::empty();
+            let sync = cluster
+                .state
+                .sync(&topic, (&app_id, &channel), 0, announce, none);
+            let sent = cluster.link.state_command(&sync);
+            self.note_unsent(sent);
         }
     }
 
@@ -356,6 +389,10 @@ impl Shard {
     ) -> bool {
         if token == HEARTBEAT {
             self.on_heartbeat(value);
+            return true;
+        }
+        if token == INDEX {
+            self.forget_unheld(cluster, value);
             return true;
         }
         let asked = self.user_asks.borrow_mut().remove(&token);

@@ -14,9 +14,10 @@ use super::hub::Inbox;
 use crate::cluster::state::{self, State};
 use crate::config::Config;
 use redis::Value;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The consumer group every node reads the webhook queues through.
@@ -32,7 +33,8 @@ const DROPPED_EVERY: Duration = Duration::from_secs(5);
 /// How often consumers of dead nodes with nothing pending are removed from the group.
 const CONSUMERS_EVERY: Duration = Duration::from_secs(60);
 
-/// What the hub asks of Redis.
+/// What the hub asks of Redis. Orders are kept until Redis has taken them (a failed one is
+/// sent again after reconnecting: acknowledging twice does no harm).
 pub enum ToRedis {
     /// These entries are done with (delivered, or given up): acknowledge and delete them.
     Done {
@@ -41,13 +43,16 @@ pub enum ToRedis {
         /// Entry ids.
         ids: Vec<String>,
     },
-    /// These entries are still held here: keep them from being claimed.
-    Touch {
-        /// The app's index.
-        app: u32,
-        /// Entry ids.
-        ids: Vec<String>,
-    },
+    /// The node is stopping: report here once every order before this one is applied.
+    Flush(SyncSender<()>),
+}
+
+/// What the thread shares with the hub.
+pub struct Shared {
+    /// Per app, the events the hub can take on.
+    pub room: Arc<[AtomicUsize]>,
+    /// Per app, the ids of the entries the hub holds (kept claimed by this node).
+    pub held_ids: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
 /// An entry read from an app's queue.
@@ -117,16 +122,17 @@ impl Durable {
     }
 
     /// The thread: (re)connects, then serves the hub until it is gone.
-    pub fn run(self, hub: SyncSender<Inbox>, orders: Receiver<ToRedis>, room: Arc<AtomicUsize>) {
+    pub fn run(self, hub: SyncSender<Inbox>, orders: Receiver<ToRedis>, shared: Shared) {
         let mut failing = false;
         let mut pause = Duration::from_millis(100);
+        let mut backlog = VecDeque::new();
         loop {
             let result = self.connect().and_then(|mut con| {
                 if std::mem::take(&mut failing) {
                     crate::log_warn!("webhook queue: connected to Redis again");
                 }
                 pause = Duration::from_millis(100);
-                self.serve(&mut con, &hub, &orders, &room)
+                self.serve(&mut con, &hub, &orders, &mut backlog, &shared)
             });
             match result {
                 Ok(()) => return,
@@ -138,6 +144,9 @@ impl Durable {
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_secs(2));
+            if !take_orders(&orders, &mut backlog) {
+                return;
+            }
         }
     }
 
@@ -147,29 +156,25 @@ impl Durable {
         let io = Some(Duration::from_secs(5));
         con.set_read_timeout(io).map_err(text)?;
         con.set_write_timeout(io).map_err(text)?;
+        self.set_up(&mut con)?;
+        Ok(con)
+    }
+
+    /// The scripts, the apps' settings for them, and the group on every queue (again after
+    /// Redis lost them).
+    fn set_up(&self, con: &mut redis::Connection) -> Result<(), String> {
         let mut setup = redis::pipe();
         for load in state::load_scripts() {
             setup.add_command(load).ignore();
         }
-        // What the scripts queue, per app (every node writes the same).
-        let apps = format!("{}:wh:apps", self.state.prefix());
-        let mut config = redis::cmd("HSET");
-        config.arg(&apps).arg("#queue").arg(self.queue_bound);
-        for app in &self.apps {
-            config.arg(&app.app_id).arg(app.bits);
-            let stream = format!("{}:stream", app.app_id);
-            config.arg(stream).arg(app.stream_length);
-        }
-        setup.add_command(config).ignore();
-        setup.query::<()>(&mut con).map_err(text)?;
-        self.create_groups(&mut con)?;
-        Ok(con)
-    }
-
-    /// The group on every queue (from the stream's start, so nothing queued before is missed).
-    fn create_groups(&self, con: &mut redis::Connection) -> Result<(), String> {
+        let apps = self.apps.iter();
+        let settings = apps.map(|a| (a.app_id.as_str(), a.bits, a.stream_length));
+        let settings = self.state.webhook_settings(self.queue_bound, settings);
+        setup.add_command(settings).ignore();
+        setup.query::<()>(con).map_err(text)?;
         for app in self.queued_apps() {
             let mut create = redis::cmd("XGROUP");
+            // From the stream's start, so nothing queued before the group existed is missed.
             create.arg("CREATE").arg(self.queue_key(app)).arg(GROUP);
             create.arg("0").arg("MKSTREAM");
             match create.query::<Value>(con) {
@@ -186,22 +191,28 @@ impl Durable {
         con: &mut redis::Connection,
         hub: &SyncSender<Inbox>,
         orders: &Receiver<ToRedis>,
-        room: &AtomicUsize,
+        backlog: &mut VecDeque<ToRedis>,
+        shared: &Shared,
     ) -> Result<(), String> {
         let long_ago = Instant::now() - CONSUMERS_EVERY;
-        let (mut departures, mut claimed, mut dropped_at, mut consumers) =
-            (long_ago, long_ago, long_ago, Instant::now());
+        let (mut departures, mut claimed, mut dropped_at, mut touched) =
+            (long_ago, long_ago, long_ago, long_ago);
+        let mut consumers = Instant::now();
         let mut dropped_seen: Vec<u64> = vec![0; self.apps.len()];
         let claim_every = self.touch_every().min(Duration::from_secs(5));
         loop {
-            loop {
-                match orders.try_recv() {
-                    Ok(order) => self.apply(con, order)?,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return Ok(()),
-                }
+            if !take_orders(orders, backlog) {
+                return Ok(());
+            }
+            while let Some(order) = backlog.front() {
+                self.apply(con, order)?;
+                backlog.pop_front();
             }
             let now = Instant::now();
+            if now.duration_since(touched) >= self.touch_every() {
+                touched = now;
+                self.touch(con, &shared.held_ids)?;
+            }
             if now.duration_since(departures) >= DEPARTURES_EVERY {
                 departures = now;
                 self.send_departures(con)?;
@@ -209,7 +220,7 @@ impl Durable {
             if now.duration_since(claimed) >= claim_every {
                 claimed = now;
                 for app in self.queued_apps() {
-                    self.claim(con, app, hub, room)?;
+                    self.claim(con, app, hub, &shared.room[app])?;
                 }
             }
             if now.duration_since(dropped_at) >= DROPPED_EVERY {
@@ -222,31 +233,43 @@ impl Durable {
                     self.forget_dead_consumers(con, app)?;
                 }
             }
-            let take = room.load(Ordering::Relaxed).min(READ_COUNT);
-            if take == 0 || self.queued_apps().next().is_none() {
-                std::thread::sleep(Duration::from_millis(READ_BLOCK_MS / 4));
-                continue;
-            }
-            self.read(con, take, hub)?;
+            self.read(con, hub, &shared.room)?;
         }
     }
 
-    fn apply(&self, con: &mut redis::Connection, order: ToRedis) -> Result<(), String> {
+    fn apply(&self, con: &mut redis::Connection, order: &ToRedis) -> Result<(), String> {
         match order {
             ToRedis::Done { app, ids } => {
-                let key = self.queue_key(app as usize);
+                let key = self.queue_key(*app as usize);
                 let mut pipe = redis::pipe();
-                pipe.cmd("XACK").arg(&key).arg(GROUP).arg(&ids).ignore();
-                pipe.cmd("XDEL").arg(&key).arg(&ids).ignore();
+                pipe.cmd("XACK").arg(&key).arg(GROUP).arg(ids).ignore();
+                pipe.cmd("XDEL").arg(&key).arg(ids).ignore();
                 pipe.query::<()>(con).map_err(text)
             }
-            ToRedis::Touch { app, ids } => {
-                let mut claim = redis::cmd("XCLAIM");
-                claim.arg(self.queue_key(app as usize)).arg(GROUP);
-                claim.arg(self.state.owner()).arg(0).arg(&ids).arg("JUSTID");
-                claim.query::<Value>(con).map(drop).map_err(text)
+            ToRedis::Flush(done) => {
+                let _ = done.try_send(());
+                Ok(())
             }
         }
+    }
+
+    /// Keeps the entries the hub holds claimed by this node (`XCLAIM … JUSTID` resets their
+    /// idle time), so no other node takes them over while they are on their way.
+    fn touch(
+        &self,
+        con: &mut redis::Connection,
+        held_ids: &Mutex<Vec<Vec<String>>>,
+    ) -> Result<(), String> {
+        let held = held_ids.lock().map(|ids| ids.clone()).unwrap_or_default();
+        for (app, ids) in held.iter().enumerate() {
+            for ids in ids.chunks(1000) {
+                let mut claim = redis::cmd("XCLAIM");
+                claim.arg(self.queue_key(app)).arg(GROUP);
+                claim.arg(self.state.owner()).arg(0).arg(ids).arg("JUSTID");
+                claim.query::<Value>(con).map_err(text)?;
+            }
+        }
+        Ok(())
     }
 
     /// Departures whose 3 s are over, decided and queued by a script (any node may run it).
@@ -265,18 +288,24 @@ impl Durable {
         Ok(())
     }
 
-    /// New entries of every queue, for the hub.
+    /// New entries of the queues of the apps that have room, for the hub (at most `READ_COUNT`
+    /// and the least room of them per queue). Waits up to `READ_BLOCK_MS` for some.
     fn read(
         &self,
         con: &mut redis::Connection,
-        take: usize,
         hub: &SyncSender<Inbox>,
+        room: &[AtomicUsize],
     ) -> Result<(), String> {
-        let apps: Vec<usize> = self.queued_apps().collect();
+        let room_of = |app: usize| room[app].load(Ordering::Relaxed);
+        let apps: Vec<usize> = self.queued_apps().filter(|&a| room_of(a) > 0).collect();
+        let Some(take) = apps.iter().map(|&a| room_of(a)).min() else {
+            std::thread::sleep(Duration::from_millis(READ_BLOCK_MS / 4));
+            return Ok(());
+        };
         let mut read = redis::cmd("XREADGROUP");
         read.arg("GROUP").arg(GROUP).arg(self.state.owner());
-        read.arg("COUNT").arg(take).arg("BLOCK").arg(READ_BLOCK_MS);
-        read.arg("STREAMS");
+        read.arg("COUNT").arg(take.min(READ_COUNT));
+        read.arg("BLOCK").arg(READ_BLOCK_MS).arg("STREAMS");
         for &app in &apps {
             read.arg(self.queue_key(app));
         }
@@ -285,8 +314,8 @@ impl Durable {
         }
         let reply = match read.query::<Value>(con) {
             Ok(reply) => reply,
-            // Redis restarted empty: the queues and their group are new.
-            Err(e) if e.code() == Some("NOGROUP") => return self.create_groups(con),
+            // Redis restarted empty (or was flushed): the queues and their group are new.
+            Err(e) if e.code() == Some("NOGROUP") => return self.set_up(con),
             Err(e) => return Err(text(e)),
         };
         for (key, entries) in streams_of(&reply) {
@@ -307,8 +336,9 @@ impl Durable {
         room: &AtomicUsize,
     ) -> Result<(), String> {
         let mut cursor = "0-0".to_string();
+        let mut left = room.load(Ordering::Relaxed);
         for _ in 0..10 {
-            let take = room.load(Ordering::Relaxed).min(READ_COUNT);
+            let take = left.min(READ_COUNT);
             if take == 0 {
                 break;
             }
@@ -321,10 +351,11 @@ impl Durable {
             claim.arg("COUNT").arg(take);
             let reply = match claim.query::<Value>(con) {
                 Ok(reply) => reply,
-                Err(e) if e.code() == Some("NOGROUP") => return self.create_groups(con),
+                Err(e) if e.code() == Some("NOGROUP") => return self.set_up(con),
                 Err(e) => return Err(text(e)),
             };
             let (next, entries) = claimed_of(&reply);
+            left = left.saturating_sub(entries.len());
             self.hand_over(con, app, entries, hub)?;
             match next {
                 Some(next) if next != "0-0" => cursor = next,
@@ -359,7 +390,7 @@ impl Durable {
             );
             self.apply(
                 con,
-                ToRedis::Done {
+                &ToRedis::Done {
                     app: app as u32,
                     ids: bad,
                 },
@@ -424,6 +455,17 @@ impl Durable {
             }
         }
         Ok(())
+    }
+}
+
+/// Moves the hub's new orders into `backlog`; false once the hub is gone.
+fn take_orders(orders: &Receiver<ToRedis>, backlog: &mut VecDeque<ToRedis>) -> bool {
+    loop {
+        match orders.try_recv() {
+            Ok(order) => backlog.push_back(order),
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        }
     }
 }
 

@@ -13,9 +13,6 @@ use std::time::{Duration, Instant};
 /// How long a departure waits before its webhook goes.
 pub const LEAVE_DELAY: Duration = Duration::from_secs(3);
 
-/// Cache-miss times kept before old ones are swept out.
-const MISSES_SWEEP_AT: usize = 4096;
-
 /// A departure: the channel (vacated) or the channel and user (member removed).
 type Departure = (u32, String, Option<String>);
 
@@ -27,8 +24,12 @@ pub struct Gate {
     /// The ticket of each departure still to be sent; a return removes it.
     departures: AHashMap<Departure, u64>,
     next_ticket: u64,
-    /// When each channel's last `cache_miss` went.
+    /// Departures waiting, per app.
+    waiting_per_app: AHashMap<u32, usize>,
+    /// When each channel's last `cache_miss` went, and the same in time order (to forget
+    /// them once their window is over).
     misses: AHashMap<(u32, String), Instant>,
+    misses_in_order: VecDeque<(Instant, (u32, String))>,
 }
 
 fn departure(app: u32, event: &Event) -> Option<Departure> {
@@ -51,13 +52,28 @@ impl Gate {
             waiting: VecDeque::new(),
             departures: AHashMap::new(),
             next_ticket: 0,
+            waiting_per_app: AHashMap::new(),
             misses: AHashMap::new(),
+            misses_in_order: VecDeque::new(),
         }
     }
 
-    /// Departures waiting.
+    /// Departures waiting, of every app.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Departures of `app` waiting.
+    pub fn waiting_of(&self, app: u32) -> usize {
+        self.waiting_per_app.get(&app).copied().unwrap_or(0)
+    }
+
+    /// Whether admitting this event could hold it (a departure): what a bound has to count.
+    pub fn is_departure(event: &Event) -> bool {
+        matches!(
+            event,
+            Event::ChannelVacated { .. } | Event::MemberRemoved { .. }
+        )
     }
 
     /// An event as it happens: Some to send it now; None when it waits (a departure) or is
@@ -71,6 +87,7 @@ impl Gate {
                 self.departures.insert(key, ticket);
                 self.waiting
                     .push_back((now + LEAVE_DELAY, app, event, ticket));
+                *self.waiting_per_app.entry(app).or_insert(0) += 1;
                 None
             }
             Event::ChannelOccupied { .. } | Event::MemberAdded { .. } => {
@@ -81,22 +98,30 @@ impl Gate {
                 }
             }
             Event::CacheMiss { ref channel } => {
+                self.forget_old_misses(now);
                 let key = (app, channel.clone());
-                let recent = self
-                    .misses
-                    .get(&key)
-                    .is_some_and(|&at| now.duration_since(at) < self.miss_window);
-                if recent {
+                if self.misses.contains_key(&key) {
                     return None;
                 }
-                if self.misses.len() >= MISSES_SWEEP_AT {
-                    let window = self.miss_window;
-                    self.misses.retain(|_, at| now.duration_since(*at) < window);
-                }
-                self.misses.insert(key, now);
+                self.misses.insert(key.clone(), now);
+                self.misses_in_order.push_back((now, key));
                 Some(event)
             }
             _ => Some(event),
+        }
+    }
+
+    /// Forgets the cache misses whose window is over (oldest first: each is looked at once).
+    fn forget_old_misses(&mut self, now: Instant) {
+        while let Some((at, _)) = self.misses_in_order.front() {
+            if now.duration_since(*at) < self.miss_window {
+                break;
+            }
+            if let Some((at, key)) = self.misses_in_order.pop_front() {
+                if self.misses.get(&key) == Some(&at) {
+                    self.misses.remove(&key);
+                }
+            }
         }
     }
 
@@ -115,6 +140,9 @@ impl Gate {
             let Some((_, app, event, ticket)) = self.waiting.pop_front() else {
                 break;
             };
+            if let Some(n) = self.waiting_per_app.get_mut(&app) {
+                *n = n.saturating_sub(1);
+            }
             let Some(key) = departure(app, &event) else {
                 continue;
             };

@@ -13,7 +13,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Longest wait between retries of one request.
@@ -91,11 +91,14 @@ pub struct Hub {
     /// Requests waiting to be retried, by due time (the number orders equal times).
     retries: BinaryHeap<Reverse<(Instant, u64)>>,
     retrying: ahash::AHashMap<u64, Request>,
-    /// Events held in batches, ready queues, retries and in flight (the gate counts its own).
-    held: usize,
+    /// Per app, events held in batches, ready queues, retries and in flight (the gate counts
+    /// its own). Each app has its own bound, so one app's dead receiver never holds up another.
+    held: Vec<usize>,
     id_prefix: String,
     next_id: u64,
     finishing: bool,
+    /// The end of the finish was reported (or asked of the Redis thread).
+    finish_told: bool,
     /// In a cluster: the queue in Redis.
     durable: Option<DurableLink>,
 }
@@ -104,9 +107,12 @@ pub struct Hub {
 pub struct DurableLink {
     /// Orders for the Redis thread.
     pub orders: Sender<ToRedis>,
-    /// Events the hub can take on; the Redis thread reads no more than this.
-    pub room: Arc<AtomicUsize>,
-    /// How often held entries are touched.
+    /// Per app, the events the hub can take on; the Redis thread reads no more than this.
+    pub room: Arc<[AtomicUsize]>,
+    /// The ids of the entries held here, per app, as of the last look: the Redis thread keeps
+    /// them claimed (only the latest list matters, so a Redis outage piles up nothing).
+    pub held_ids: Arc<Mutex<Vec<Vec<String>>>>,
+    /// How often `held_ids` is renewed.
     pub touch_every: Duration,
     touched_at: Instant,
     /// Per app and entry id, the requests that still carry it.
@@ -115,10 +121,16 @@ pub struct DurableLink {
 
 impl DurableLink {
     /// The link for a Redis thread taking `orders`.
-    pub fn new(orders: Sender<ToRedis>, room: Arc<AtomicUsize>, touch_every: Duration) -> Self {
+    pub fn new(
+        orders: Sender<ToRedis>,
+        room: Arc<[AtomicUsize]>,
+        held_ids: Arc<Mutex<Vec<Vec<String>>>>,
+        touch_every: Duration,
+    ) -> Self {
         DurableLink {
             orders,
             room,
+            held_ids,
             touch_every,
             touched_at: Instant::now(),
             refs: ahash::AHashMap::new(),
@@ -148,6 +160,7 @@ impl Hub {
         workers: Sender<Request>,
         durable: Option<DurableLink>,
     ) -> Hub {
+        let app_count = apps.len();
         let batches = apps
             .iter()
             .map(|a| a.hooks.iter().map(|_| Batch::default()).collect())
@@ -168,10 +181,11 @@ impl Hub {
             workers,
             retries: BinaryHeap::new(),
             retrying: ahash::AHashMap::new(),
-            held: 0,
+            held: vec![0; app_count],
             id_prefix: format!("{id_prefix}-{:x}", now_ms()),
             next_id: 0,
             finishing: false,
+            finish_told: false,
             durable,
         }
     }
@@ -193,8 +207,17 @@ impl Hub {
             self.run_due(Instant::now());
             self.dispatch();
             self.keep_entries();
-            if self.finishing && self.pending() == 0 {
-                let _ = finished.try_send(());
+            if self.finishing && self.pending() == 0 && !self.finish_told {
+                self.finish_told = true;
+                match &self.durable {
+                    // Done once the Redis thread has acknowledged everything delivered.
+                    Some(durable) => {
+                        let _ = durable.orders.send(ToRedis::Flush(finished.clone()));
+                    }
+                    None => {
+                        let _ = finished.try_send(());
+                    }
+                }
             }
         }
     }
@@ -217,17 +240,33 @@ impl Hub {
 
     /// Events not yet delivered or given up on.
     fn pending(&self) -> usize {
-        self.held + self.gate.waiting()
+        self.held.iter().sum::<usize>() + self.gate.waiting()
+    }
+
+    /// Events of one app not yet delivered or given up on.
+    fn pending_of(&self, app: u32) -> usize {
+        let held = self.held.get(app as usize).copied().unwrap_or(0);
+        held + self.gate.waiting_of(app)
     }
 
     fn accept(&mut self, app: u32, event: Event) {
-        if self.pending() >= self.settings.max_pending {
-            let reason = "max_pending events were waiting for delivery";
-            return self.stats.drop_events(1, reason);
+        let full = self.pending_of(app) >= self.settings.max_pending;
+        // A return still goes through the gate when the app is full: cancelling the departure
+        // it matches frees room and keeps a false departure from being sent.
+        if full && Gate::is_departure(&event) {
+            return self
+                .stats
+                .drop_events(1, "an app had max_pending events waiting");
         }
-        if let Some(event) = self.gate.admit(app, event, Instant::now()) {
-            self.route(app, &event, None);
+        let Some(event) = self.gate.admit(app, event, Instant::now()) else {
+            return;
+        };
+        if full {
+            return self
+                .stats
+                .drop_events(1, "an app had max_pending events waiting");
         }
+        self.route(app, &event, None);
     }
 
     /// An entry of the app's queue in Redis: Redis already applied the gate's rules.
@@ -253,16 +292,20 @@ impl Hub {
         }
     }
 
-    /// In a cluster: touches the entries held here now and then, reports the room left.
+    /// In a cluster: reports each app's room left (none once finishing: nothing new is read
+    /// while the node stops), and now and then the entries held here.
     fn keep_entries(&mut self) {
-        let pending = self.pending();
         let max = self.settings.max_pending;
+        let rooms: Vec<usize> = (0..self.apps.len() as u32)
+            .map(|app| max.saturating_sub(self.pending_of(app)))
+            .collect();
+        let finishing = self.finishing;
         let Some(durable) = &mut self.durable else {
             return;
         };
-        durable
-            .room
-            .store(max.saturating_sub(pending), Ordering::Relaxed);
+        for (room, left) in durable.room.iter().zip(rooms) {
+            room.store(if finishing { 0 } else { left }, Ordering::Relaxed);
+        }
         if durable.touched_at.elapsed() < durable.touch_every {
             return;
         }
@@ -271,14 +314,8 @@ impl Hub {
         for (app, id) in durable.refs.keys() {
             held[*app as usize].push(id.clone());
         }
-        for (app, ids) in held.into_iter().enumerate() {
-            for ids in ids.chunks(1000) {
-                let touch = ToRedis::Touch {
-                    app: app as u32,
-                    ids: ids.to_vec(),
-                };
-                let _ = durable.orders.send(touch);
-            }
+        if let Ok(mut ids) = durable.held_ids.lock() {
+            *ids = held;
         }
     }
 
@@ -323,7 +360,7 @@ impl Hub {
             if json.is_empty() {
                 event.write_json(&mut json);
             }
-            self.held += 1;
+            self.held[app as usize] += 1;
             routed += 1;
             if !hooks.batch {
                 self.make_request(app, i, vec![json.clone()], entries(), time_ms);
@@ -410,7 +447,7 @@ impl Hub {
         self.in_flight[app] = self.in_flight[app].saturating_sub(1);
         request.attempts += 1;
         let events = request.events as u64;
-        let url = &self.apps[app].hooks[request.hook].url;
+        let url = &self.apps[app].hooks[request.hook].shown;
         let health = &mut self.health[app][request.hook];
         let give_up = match outcome {
             Outcome::Delivered => {
@@ -423,7 +460,8 @@ impl Hub {
             Outcome::Refused(reason) => Some(format!("refused ({reason}), not retried")),
             Outcome::Retry(reason) => {
                 let wait = backoff(request.attempts);
-                let budget_end = request.time_ms + self.settings.retry_for as u64 * 1000;
+                let retry_for_ms = self.settings.retry_for as u64 * 1000;
+                let budget_end = request.time_ms.saturating_add(retry_for_ms);
                 if now_ms() + wait.as_millis() as u64 > budget_end {
                     let attempts = request.attempts;
                     Some(format!(
@@ -462,7 +500,8 @@ impl Hub {
                 health.given_up_told_at = Some(now);
             }
         }
-        self.held = self.held.saturating_sub(request.events);
+        let held = &mut self.held[app];
+        *held = held.saturating_sub(request.events);
         self.release_entries(request.app, request.entries);
     }
 
@@ -476,7 +515,7 @@ impl Hub {
                 if health.given_up_untold > 0 && due {
                     crate::log_warn!(
                         "webhooks to {}: gave up on {} more events",
-                        self.apps[app].hooks[hook].url,
+                        self.apps[app].hooks[hook].shown,
                         std::mem::take(&mut health.given_up_untold)
                     );
                     health.given_up_told_at = Some(now);

@@ -22,7 +22,7 @@ pub use event::Event;
 
 use crate::config::{AppConfig, Config, WebhookEventType};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +41,8 @@ pub struct AppHooks {
 /// One webhook of an app.
 struct Hook {
     url: String,
+    /// The URL as logs show it: without its query, which may carry a token.
+    shown: String,
     /// Bits of the event types it wants.
     types: u8,
     starts_with: String,
@@ -61,6 +63,12 @@ impl AppHooks {
     fn of(app: &AppConfig) -> AppHooks {
         let hooks = app.webhooks.iter().map(|h| Hook {
             url: h.url.clone(),
+            shown: h
+                .url
+                .split(['?', '#'])
+                .next()
+                .unwrap_or_default()
+                .to_string(),
             types: h.event_types.iter().fold(0, |bits, t| bits | t.bit()),
             starts_with: h.filter.channel_name_starts_with.clone(),
             ends_with: h.filter.channel_name_ends_with.clone(),
@@ -138,6 +146,8 @@ pub struct Webhooks {
     inbox: SyncSender<hub::Inbox>,
     /// Per app, the event types the shards emit (see `AppHooks::emitted_types`).
     emitted: Vec<u8>,
+    /// Per app, the event types its webhooks take (with the pairs of the 3-second rule).
+    queued: Vec<u8>,
     /// Delivery counts.
     pub stats: Arc<Stats>,
     /// Told when the hub has nothing left, after `finish`.
@@ -170,7 +180,13 @@ impl Webhooks {
         let (inbox, inbox_rx) = mpsc::sync_channel(INBOX_CAPACITY);
         let (jobs, jobs_rx) = mpsc::channel();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        for i in 0..settings.workers {
+        // At least `max_in_flight_per_app` workers per app with webhooks: no app ever waits
+        // for workers that other apps' slow receivers hold.
+        let with_hooks = apps.iter().filter(|a| !a.hooks.is_empty()).count();
+        let workers = settings
+            .workers
+            .max(with_hooks * settings.max_in_flight_per_app);
+        for i in 0..workers {
             let (jobs, hub, agent, apps) =
                 (jobs_rx.clone(), inbox.clone(), agent.clone(), apps.clone());
             std::thread::Builder::new()
@@ -181,12 +197,14 @@ impl Webhooks {
         let durable = match durable::Durable::new(config, instance, &queued) {
             Some(queue) => {
                 let (orders, orders_rx) = mpsc::channel();
-                let room = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                let link = hub::DurableLink::new(orders, room.clone(), queue.touch_every());
+                let room: Arc<[AtomicUsize]> = apps.iter().map(|_| AtomicUsize::new(0)).collect();
+                let held_ids = Arc::new(Mutex::new(Vec::new()));
+                let every = queue.touch_every();
+                let link = hub::DurableLink::new(orders, room.clone(), held_ids.clone(), every);
                 let hub = inbox.clone();
                 std::thread::Builder::new()
                     .name("webhook-queue".into())
-                    .spawn(move || queue.run(hub, orders_rx, room))?;
+                    .spawn(move || queue.run(hub, orders_rx, durable::Shared { room, held_ids }))?;
                 Some(link)
             }
             None => None,
@@ -205,6 +223,7 @@ impl Webhooks {
         Ok(Some(Webhooks {
             inbox,
             emitted,
+            queued,
             stats,
             finished: Mutex::new(finished),
         }))
@@ -217,6 +236,11 @@ impl Webhooks {
         self.emitted
             .get(app as usize)
             .is_some_and(|bits| bits & kind.bit() != 0)
+    }
+
+    /// The event types the app's webhooks take, as bits (`WebhookEventType::bit`).
+    pub fn queued(&self, app: u32) -> u8 {
+        self.queued.get(app as usize).copied().unwrap_or(0)
     }
 
     /// Hands an event to the hub, never waiting: when the hub is that far behind, the event is

@@ -79,13 +79,9 @@ pub fn post(agent: &ureq::Agent, app: &AppHooks, request: &Request) -> Outcome {
                 _ => Outcome::Refused(format!("HTTP {status}")),
             }
         }
-        Err(e @ (ureq::Error::Tls(_) | ureq::Error::Rustls(_))) => {
-            Outcome::Refused(format!("TLS: {e}"))
-        }
-        Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-            // rustls reports a refused certificate as invalid data.
-            Outcome::Refused(format!("TLS: {e}"))
-        }
+        // A certificate that does not verify stays so: not retried. Other TLS failures (an
+        // alert from a restarting proxy, say) are retried like any network error.
+        Err(e) if e.to_string().contains("certificate") => Outcome::Refused(format!("TLS: {e}")),
         Err(e) => Outcome::Retry(e.to_string()),
     }
 }
