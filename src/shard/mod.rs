@@ -11,6 +11,7 @@
 //! - `budget`: the process-wide memory budget for incomplete messages;
 //! - `sweeper`: liveness, close deadlines and throttled counts, once a second;
 //! - `lifecycle`: serving, then draining on shutdown;
+//! - `outbox`: webhook events on their way to the webhooks' hub thread;
 //! - `conn`, `deadline`, `contain`: one connection, socket deadlines, panic containment.
 
 mod budget;
@@ -23,6 +24,7 @@ mod lifecycle;
 mod mesh;
 pub mod messages;
 mod node;
+mod outbox;
 mod queries;
 mod remote;
 mod share;
@@ -93,6 +95,8 @@ pub struct Shard {
     cluster_link_up: Cell<Option<bool>>,
     /// `handle_own_messages` is running (it never nests).
     handling_own: Cell<bool>,
+    /// Webhook events waiting to be handed to the hub (a single node).
+    webhook_outbox: outbox::Outbox,
     /// Receive buffer shared by every socket of the shard: reads land here and only the bytes of
     /// an incomplete frame are kept per connection.
     read_buffer: RefCell<Box<[u8]>>,
@@ -139,6 +143,7 @@ impl Shard {
             heartbeat_answered: Cell::new(false),
             cluster_link_up: Cell::new(None),
             open_tickets: RefCell::new(AHashMap::new()),
+            webhook_outbox: outbox::Outbox::default(),
             read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES].into_boxed_slice()),
             node,
         }
@@ -182,6 +187,15 @@ impl Shard {
             let shard = self.clone();
             glommio::spawn_local(async move { shard.heartbeats().await }).detach();
         }
+        if self.node.webhooks.is_some() && self.cluster.is_none() {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                if let Some(webhooks) = &shard.node.webhooks {
+                    shard.webhook_outbox.pump(webhooks).await;
+                }
+            })
+            .detach();
+        }
         glommio::spawn_local(self.clone().sweep()).detach();
     }
 
@@ -209,7 +223,7 @@ impl Shard {
             return;
         }
         let Some(cluster) = &self.cluster else {
-            return webhooks.emit(key.app, event());
+            return self.webhook_outbox.push(key.app, event());
         };
         if matches!(
             kind,

@@ -23,13 +23,8 @@ const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 /// What the hub is told.
 pub enum Inbox {
-    /// A shard saw an event.
-    Event {
-        /// The app's index in the configuration.
-        app: u32,
-        /// What happened.
-        event: Event,
-    },
+    /// Events a shard saw: (the app's index in the configuration, what happened).
+    Events(Vec<(u32, Event)>),
     /// Entries read from an app's queue in Redis (a cluster).
     Entries {
         /// The app's index in the configuration.
@@ -224,7 +219,11 @@ impl Hub {
 
     fn handle(&mut self, message: Inbox) {
         match message {
-            Inbox::Event { app, event } => self.accept(app, event),
+            Inbox::Events(events) => {
+                for (app, event) in events {
+                    self.accept(app, event);
+                }
+            }
             Inbox::Entries { app, entries } => {
                 for entry in entries {
                     self.accept_entry(app, entry);

@@ -27,8 +27,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Events the shards may have handed to the hub and it has not taken yet.
-const INBOX_CAPACITY: usize = 65_536;
+/// Messages (a shard's batch of events, a worker's outcome) the hub may have waiting.
+const INBOX_CAPACITY: usize = 16_384;
 
 /// One app's webhooks, as the hub and the workers use them.
 pub struct AppHooks {
@@ -243,13 +243,14 @@ impl Webhooks {
         self.queued.get(app as usize).copied().unwrap_or(0)
     }
 
-    /// Hands an event to the hub, never waiting: when the hub is that far behind, the event is
-    /// dropped and counted.
-    pub fn emit(&self, app: u32, event: Event) {
-        match self.inbox.try_send(hub::Inbox::Event { app, event }) {
+    /// Hands a shard's events (app, event) to the hub in one message, never waiting: when
+    /// the hub is that far behind, they are dropped and counted.
+    pub fn emit_all(&self, events: Vec<(u32, Event)>) {
+        let n = events.len() as u64;
+        match self.inbox.try_send(hub::Inbox::Events(events)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.stats.drop_events(1, "the hub's inbox was full"),
-            Err(TrySendError::Disconnected(_)) => self.stats.drop_events(1, "the hub stopped"),
+            Err(TrySendError::Full(_)) => self.stats.drop_events(n, "the hub's inbox was full"),
+            Err(TrySendError::Disconnected(_)) => self.stats.drop_events(n, "the hub stopped"),
         }
     }
 
