@@ -6,9 +6,8 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
 const net = require('node:net');
-const PusherClient = require('pusher-js');
 const PusherServer = require('pusher');
-const { startShardpush, authorizeAs, subscribed, waitFor } = require('./helpers');
+const { startShardpush, pusherClient, authorizeAs, subscribed, waitFor } = require('./helpers');
 
 const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
 
@@ -69,13 +68,7 @@ test.after(() => {
 // A pusher-js client of node `i`, authorized (and signed in) as `userId`.
 function client(i, userId) {
   const api = apis[i];
-  const c = new PusherClient(APP.key, {
-    cluster: 'mt1',
-    wsHost: '127.0.0.1',
-    wsPort: nodes[i].port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
+  const c = pusherClient(APP.key, nodes[i].port, {
     channelAuthorization: authorizeAs(api, userId),
     userAuthentication: {
       customHandler: ({ socketId }, callback) => {

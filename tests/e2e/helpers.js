@@ -1,5 +1,5 @@
-// What the end-to-end test files share: starting a shardpush, authorizing channels as a user,
-// and waiting for a subscription or a condition.
+// What the end-to-end test files share: starting a shardpush, a pusher-js client of it,
+// authorizing channels as a user, and waiting for a subscription or a condition.
 //
 // startShardpush: starts a shardpush of the test's own with the given TOML configuration (port 0: any free
 // port), resolving to the child process with its `port` once it listens. SHARDPUSH_BIN names
@@ -9,6 +9,7 @@ const { spawn } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
+const PusherClient = require('pusher-js');
 
 function startShardpush(toml, { captureStderr = false } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'shardpush-e2e-'));
@@ -35,6 +36,20 @@ function startShardpush(toml, { captureStderr = false } = {}) {
       }
     });
     child.on('exit', (code) => reject(new Error(`shardpush exited with ${code}`)));
+  });
+}
+
+// A pusher-js client of app `key` on the shardpush at `port` (plain ws, no stats); `options` adds
+// to (or overrides) the connection settings.
+function pusherClient(key, port, options = {}) {
+  return new PusherClient(key, {
+    cluster: 'mt1',
+    wsHost: '127.0.0.1',
+    wsPort: port,
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    disableStats: true,
+    ...options,
   });
 }
 
@@ -73,4 +88,4 @@ async function waitFor(what, predicate, ms = 5000) {
   }
 }
 
-module.exports = { startShardpush, authorizeAs, subscribed, waitFor };
+module.exports = { startShardpush, pusherClient, authorizeAs, subscribed, waitFor };

@@ -3,13 +3,12 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
-const PusherClient = require('pusher-js');
 // `pusher-js/with-encryption` is a browser build (it needs `document`); all it adds is
 // `options.nacl = tweetnacl` (pusher-js's own dependency), so under Node the same client is the
-// Node build given that option.
+// Node build (helpers.js's pusherClient) given that option.
 const nacl = require('tweetnacl');
 const PusherServer = require('pusher');
-const { startShardpush, authorizeAs, subscribed, waitFor } = require('./helpers');
+const { startShardpush, pusherClient, authorizeAs, subscribed, waitFor } = require('./helpers');
 
 const APP = { appId: 'e2e-app', key: 'e2e-key', secret: 'e2e-secret' };
 
@@ -39,15 +38,7 @@ test.after(() => {
 
 // A pusher-js client of the test server; `options` adds to the connection settings.
 function connect(options) {
-  const c = new PusherClient(APP.key, {
-    cluster: 'mt1',
-    wsHost: '127.0.0.1',
-    wsPort: server.port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
-    ...options,
-  });
+  const c = pusherClient(APP.key, server.port, options);
   clients.push(c);
   return c;
 }

@@ -2,70 +2,29 @@
 
 Deliveries are checked with a plain WebSocket client speaking the Pusher protocol.
 """
-import hashlib
-import hmac
+import functools
 import json
-import os
-import re
-import subprocess
-import tempfile
 
 import pusher
 import pytest
 import websocket
 
+import shardpush_e2e
+
 # pusher-http-python only accepts numeric app ids.
 APP_ID, KEY, SECRET = "424242", "py-key", "py-secret"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A raw Pusher protocol client of the app: Socket(port).
+Socket = functools.partial(shardpush_e2e.Socket, key=KEY, secret=SECRET)
 
 
 @pytest.fixture(scope="module")
 def server():
-    with tempfile.TemporaryDirectory() as tmp:
-        config = os.path.join(tmp, "config.toml")
-        with open(config, "w") as f:
-            f.write(f'host = "127.0.0.1"\nport = 0\nshards = 2\n[[apps]]\nid = "{APP_ID}"\nkey = "{KEY}"\nsecret = "{SECRET}"\n')
-        binary = os.environ.get("SHARDPUSH_BIN", os.path.join(ROOT, "target", "debug", "shardpush"))
-        proc = subprocess.Popen([binary, "--config", config], stdout=subprocess.PIPE, text=True)
-        port = None
-        for line in proc.stdout:
-            m = re.search(r"listening on \S+:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        assert port, "server did not start"
+    toml = f'host = "127.0.0.1"\nport = 0\nshards = 2\n[[apps]]\nid = "{APP_ID}"\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
+    with shardpush_e2e.running_shardpush(toml) as (_, port):
         yield port
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    return pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host="127.0.0.1", port=server, ssl=False)
-
-
-class Socket:
-    def __init__(self, port):
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}/app/{KEY}?protocol=7&client=py", timeout=5)
-        hello = self.recv()
-        assert hello["event"] == "pusher:connection_established"
-        self.socket_id = json.loads(hello["data"])["socket_id"]
-
-    def recv(self):
-        return json.loads(self.ws.recv())
-
-    def subscribe(self, channel, channel_data=None):
-        data = {"channel": channel}
-        if channel.startswith(("private-", "presence-")):
-            to_sign = f"{self.socket_id}:{channel}" + (f":{channel_data}" if channel_data else "")
-            sig = hmac.new(SECRET.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-            data["auth"] = f"{KEY}:{sig}"
-        if channel_data:
-            data["channel_data"] = channel_data
-        self.ws.send(json.dumps({"event": "pusher:subscribe", "data": data}))
-        reply = self.recv()
-        assert reply["event"] == "pusher_internal:subscription_succeeded", reply
-        return reply
+api = shardpush_e2e.api_fixture(APP_ID, KEY, SECRET)
 
 
 def test_trigger_reaches_subscriber_byte_exact(server, api):
@@ -100,7 +59,7 @@ def test_channel_queries_with_python_get_signing(server, api):
 def test_errors_surface_as_exceptions(server, api):
     with pytest.raises(pusher.errors.PusherBadRequest):
         api.channel_info("py-info", ["user_count"])
-    bad = pusher.Pusher(app_id=APP_ID, key=KEY, secret="wrong", host="127.0.0.1", port=server, ssl=False)
+    bad = shardpush_e2e.http_api(server, APP_ID, KEY, "wrong")
     with pytest.raises(pusher.errors.PusherBadAuth):
         bad.trigger("x", "e", "d")
 

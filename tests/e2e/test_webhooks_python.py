@@ -4,24 +4,22 @@ checked with the official `pusher` PyPI library (`Pusher.validate_webhook`).
 The server is driven by plain WebSocket clients speaking the Pusher protocol and by the `pusher`
 library's HTTP triggers.
 """
-import hashlib
-import hmac
+import functools
 import json
-import os
 import re
-import subprocess
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pusher
 import pytest
-import websocket
+
+import shardpush_e2e
 
 # pusher-http-python only accepts numeric app ids.
 APP_ID, KEY, SECRET = "424243", "py-wh-key", "py-wh-secret"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A raw Pusher protocol client of the app: Socket(port).
+Socket = functools.partial(shardpush_e2e.Socket, key=KEY, secret=SECRET)
 TYPES = ["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss"]
 # The 3-second rule: a departure's webhook must not come before this (a margin under 3 s)...
 NOT_BEFORE = 2.5
@@ -127,78 +125,30 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def server(receiver):
-    with tempfile.TemporaryDirectory() as tmp:
-        config = os.path.join(tmp, "config.toml")
-        with open(config, "w") as f:
-            f.write(
-                'host = "127.0.0.1"\nport = 0\nshards = 2\n'
-                f'[[apps]]\nid = "{APP_ID}"\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
-                "enable_client_messages = true\n"
-                f'[[apps.webhooks]]\nurl = "http://127.0.0.1:{receiver.port}/py-hook"\n'
-                f"event_types = {json.dumps(TYPES)}\n"
-            )
-        binary = os.environ.get("SHARDPUSH_BIN", os.path.join(ROOT, "target", "debug", "shardpush"))
-        proc = subprocess.Popen([binary, "--config", config], stdout=subprocess.PIPE, text=True)
-        port = None
-        for line in proc.stdout:
-            m = re.search(r"listening on \S+:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        assert port, "server did not start"
+    toml = (
+        'host = "127.0.0.1"\nport = 0\nshards = 2\n'
+        f'[[apps]]\nid = "{APP_ID}"\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
+        "enable_client_messages = true\n"
+        f'[[apps.webhooks]]\nurl = "http://127.0.0.1:{receiver.port}/py-hook"\n'
+        f"event_types = {json.dumps(TYPES)}\n"
+    )
+    with shardpush_e2e.running_shardpush(toml) as (_, port):
         yield port
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    return pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host="127.0.0.1", port=server, ssl=False)
-
-
-class Socket:
-    """A raw Pusher protocol client (as in test_pusher_python.py)."""
-
-    def __init__(self, port):
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}/app/{KEY}?protocol=7&client=py", timeout=5)
-        hello = self.recv()
-        assert hello["event"] == "pusher:connection_established"
-        self.socket_id = json.loads(hello["data"])["socket_id"]
-
-    def recv(self):
-        return json.loads(self.ws.recv())
-
-    def send(self, message):
-        self.ws.send(json.dumps(message))
-
-    def subscribe(self, channel, user_id=None):
-        channel_data = json.dumps({"user_id": user_id, "user_info": {"via": "py"}}) if user_id else None
-        data = {"channel": channel}
-        if channel.startswith(("private-", "presence-")):
-            to_sign = f"{self.socket_id}:{channel}" + (f":{channel_data}" if channel_data else "")
-            sig = hmac.new(SECRET.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-            data["auth"] = f"{KEY}:{sig}"
-        if channel_data:
-            data["channel_data"] = channel_data
-        self.send({"event": "pusher:subscribe", "data": data})
-        reply = self.recv()
-        assert reply["event"] == "pusher_internal:subscription_succeeded", reply
-        return reply
-
-    def close(self):
-        self.ws.close()
+api = shardpush_e2e.api_fixture(APP_ID, KEY, SECRET)
 
 
 def test_presence_lifecycle_with_client_event_and_the_3_second_delay(server, receiver):
     ch = "presence-py-room"
     ann = Socket(server)
-    ann.subscribe(ch, "py-ann")
+    ann.subscribe(ch, user_id="py-ann")
     assert by_name(receiver.wait(ch, 2)) == by_name([
         (0, {"name": "channel_occupied", "channel": ch}),
         (0, {"name": "member_added", "channel": ch, "user_id": "py-ann"}),
     ])
     bob = Socket(server)
-    bob.subscribe(ch, "py-bob")
+    bob.subscribe(ch, user_id="py-bob")
     assert ann.recv()["event"] == "pusher_internal:member_added"
     assert [e for _, e in receiver.wait(ch, 3)][2:] == [{"name": "member_added", "channel": ch, "user_id": "py-bob"}]
 

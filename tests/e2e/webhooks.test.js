@@ -11,9 +11,8 @@ const os = require('node:os');
 const path = require('node:path');
 const { execFileSync } = require('node:child_process');
 const { isDeepStrictEqual } = require('node:util');
-const PusherClient = require('pusher-js');
 const PusherServer = require('pusher');
-const { startShardpush, authorizeAs, subscribed, waitFor } = require('./helpers');
+const { startShardpush, pusherClient, authorizeAs, subscribed, waitFor } = require('./helpers');
 
 const APP = { appId: '424242', key: 'wh-key', secret: 'wh-secret' };
 const ALL_TYPES = [
@@ -144,15 +143,7 @@ async function setup(t, config, { receivers = [], captureStderr = false } = {}) 
   server = await startShardpush(configToml(config), { captureStderr });
   const api = new PusherServer({ ...APP, host: '127.0.0.1', port: String(server.port), useTLS: false });
   const client = (userId) => {
-    const c = new PusherClient(APP.key, {
-      cluster: 'mt1',
-      wsHost: '127.0.0.1',
-      wsPort: server.port,
-      forceTLS: false,
-      enabledTransports: ['ws'],
-      disableStats: true,
-      channelAuthorization: authorizeAs(api, userId),
-    });
+    const c = pusherClient(APP.key, server.port, { channelAuthorization: authorizeAs(api, userId) });
     clients.push(c);
     return c;
   };
