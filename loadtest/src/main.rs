@@ -8,6 +8,7 @@ mod node_death;
 mod pusher;
 mod soak;
 mod subscribers;
+mod webhook_sink;
 mod workloads;
 
 use clap::{Args, Parser, Subcommand};
@@ -42,6 +43,9 @@ enum Workload {
     /// A cluster node killed with presence members on it: time until the survivors announce
     /// every departure.
     NodeDeath(node_death::NodeDeathArgs),
+    /// A webhook receiver on 127.0.0.1 that answers 200 at once, checks signatures and counts
+    /// requests and events per second.
+    WebhookSink(webhook_sink::SinkArgs),
     /// (internal) a subscriber process of another run.
     #[command(hide = true)]
     Subscribers(ChildArgs),
@@ -204,6 +208,7 @@ fn main() {
             check(&a.target);
             soak::soak(&a)
         }
+        Workload::WebhookSink(a) => webhook_sink::run(&a),
         Workload::NodeDeath(a) => {
             check(&a.target);
             node_death::node_death(&a)

@@ -12,7 +12,7 @@ pub struct App {
     pub secret: String,
 }
 
-fn hmac_hex(secret: &str, text: &str) -> String {
+pub fn hmac_hex(secret: &str, text: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(text.as_bytes());
     hex(&mac.finalize().into_bytes())
