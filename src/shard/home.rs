@@ -172,7 +172,8 @@ impl Shard {
         if duplicate {
             return self.route(origin, reply);
         }
-        if self.subscribers_on_node(&key) == 1 {
+        // (Looked up only when there are webhooks: this is every join's path.)
+        if self.node.webhooks.is_some() && self.subscribers_on_node(&key) == 1 {
             let channel = || key.name.to_string();
             self.webhook(&key, WebhookEventType::ChannelOccupied, || {
                 Event::ChannelOccupied { channel: channel() }
@@ -276,7 +277,7 @@ impl Shard {
 
     /// Uncounts a socket; announces a presence member's departure and the new count.
     pub(super) fn home_leave(&self, key: ChannelKey, origin: usize, user_id: Option<String>) {
-        let occupied_before = self.subscribers_on_node(&key) > 0;
+        let occupied_before = self.node.webhooks.is_some() && self.subscribers_on_node(&key) > 0;
         let last_of_user = {
             let mut channels = self.home.channels.borrow_mut();
             channels.leave(&key, origin, user_id.as_deref())
@@ -329,8 +330,11 @@ impl Shard {
                 }
             }
             _ if self.counts_announced(key) => {
-                if let Some(c) = self.home.channels.borrow_mut().get_mut(key) {
-                    c.count_changed_here = true;
+                // In a cluster, only the node whose count changed reports it to webhooks.
+                if self.node.webhooks.is_some() && self.cluster.is_some() {
+                    if let Some(c) = self.home.channels.borrow_mut().get_mut(key) {
+                        c.count_changed_here = true;
+                    }
                 }
                 self.send_subscription_count(key, Instant::now())
             }
@@ -369,7 +373,7 @@ impl Shard {
             let changed_here = std::mem::take(&mut channel.count_changed_here);
             (channel.shards().collect::<Vec<_>>(), count, changed_here)
         };
-        if changed_here {
+        if changed_here || self.cluster.is_none() {
             self.webhook(key, WebhookEventType::SubscriptionCount, || {
                 Event::SubscriptionCount {
                     channel: key.name.to_string(),
