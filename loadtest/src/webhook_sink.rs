@@ -7,7 +7,7 @@ use memchr::memmem;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -33,6 +33,10 @@ struct Counts {
 }
 
 pub fn run(a: &SinkArgs) {
+    // One thread with epoll and non-blocking sockets: a server without a bound on its requests
+    // in flight (soketi) opens tens of thousands of connections at once.
+    use std::collections::HashMap;
+    use std::os::fd::AsRawFd;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, a.listen_port)).unwrap_or_else(|e| {
         eprintln!(
             "loadtest: cannot listen on 127.0.0.1:{}: {e}",
@@ -40,17 +44,110 @@ pub fn run(a: &SinkArgs) {
         );
         std::process::exit(2);
     });
-    let counts = Arc::new(Counts::default());
-    let secret = Arc::new(a.secret.clone());
-    let for_accept = counts.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let (counts, secret) = (for_accept.clone(), secret.clone());
-            std::thread::spawn(move || serve(stream, &counts, &secret));
-        }
-    });
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    // SAFETY: re-listen on our own listening socket to raise its backlog.
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    let counts = Counts::default();
+    let secret = a.secret.clone();
+    // SAFETY: a new epoll descriptor owned here.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(epfd >= 0, "epoll_create1 failed");
+    let add = |fd: i32, events: u32| {
+        let mut ev = libc::epoll_event {
+            events,
+            u64: fd as u64,
+        };
+        // SAFETY: fd is open; ev is valid.
+        unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    };
+    let lfd = listener.as_raw_fd();
+    add(lfd, libc::EPOLLIN as u32);
+    struct Conn {
+        stream: TcpStream,
+        buf: Vec<u8>,
+        out: Vec<u8>,
+    }
+    let mut conns: HashMap<i32, Conn> = HashMap::new();
+    let (mut accepted, mut max_open) = (0u64, 0usize);
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut chunk = vec![0u8; 64 * 1024];
     println!("webhook-sink listening on 127.0.0.1:{}", a.listen_port);
-    std::thread::sleep(Duration::from_secs(a.duration));
+    let deadline = Instant::now() + Duration::from_secs(a.duration);
+    while Instant::now() < deadline {
+        // SAFETY: events is a valid buffer of its length.
+        let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, 50) };
+        for ev in events.iter().take(n.max(0) as usize) {
+            let fd = ev.u64 as i32;
+            if fd == lfd {
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nonblocking(true);
+                            let _ = stream.set_nodelay(true);
+                            let cfd = stream.as_raw_fd();
+                            add(cfd, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32);
+                            conns.insert(
+                                cfd,
+                                Conn {
+                                    stream,
+                                    buf: Vec::new(),
+                                    out: Vec::new(),
+                                },
+                            );
+                            accepted += 1;
+                            max_open = max_open.max(conns.len());
+                        }
+                        Err(_) => break,
+                    }
+                }
+                continue;
+            }
+            let mut close = false;
+            if let Some(c) = conns.get_mut(&fd) {
+                loop {
+                    match c.stream.read(&mut chunk) {
+                        Ok(0) => {
+                            close = true;
+                            break;
+                        }
+                        Ok(k) => c.buf.extend_from_slice(&chunk[..k]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => {
+                            close = true;
+                            break;
+                        }
+                    }
+                }
+                let answered = serve_buffer(&mut c.buf, &counts, &secret);
+                for _ in 0..answered {
+                    c.out
+                        .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+                while !c.out.is_empty() && !close {
+                    match c.stream.write(&c.out) {
+                        Ok(k) => {
+                            c.out.drain(..k);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            // Loopback and 38-byte answers: wait briefly rather than track EPOLLOUT.
+                            std::thread::sleep(Duration::from_micros(50));
+                        }
+                        Err(_) => close = true,
+                    }
+                }
+            }
+            if close {
+                if let Some(c) = conns.remove(&fd) {
+                    // SAFETY: fd is still open (owned by c.stream, closed on drop below).
+                    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+                    drop(c);
+                }
+            }
+        }
+    }
     let requests = counts.requests.load(Ordering::Relaxed);
     let events = counts.events.load(Ordering::Relaxed);
     let span = counts.span.lock().map(|s| *s).unwrap_or(None);
@@ -64,6 +161,8 @@ pub fn run(a: &SinkArgs) {
         "bad_signatures",
         counts.bad_signatures.load(Ordering::Relaxed),
     );
+    r.add("connections_accepted", accepted);
+    r.add("connections_max_open", max_open as u64);
     r.add("first_to_last_secs", r2(secs));
     r.add(
         "events_per_sec",
@@ -85,41 +184,34 @@ pub fn run(a: &SinkArgs) {
     std::process::exit(0);
 }
 
-/// One kept-alive connection: requests parsed by their Content-Length.
-fn serve(mut stream: TcpStream, counts: &Counts, secret: &str) {
-    let _ = stream.set_nodelay(true);
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        while let Some((head_end, length)) = request_at(&buf) {
-            if buf.len() < head_end + length {
-                break;
-            }
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-            let body = &buf[head_end..head_end + length];
-            let signature = header(&head, "x-pusher-signature");
-            let expected = hmac_hex(secret, &String::from_utf8_lossy(body));
-            if signature != Some(expected.as_str()) {
-                counts.bad_signatures.fetch_add(1, Ordering::Relaxed);
-            }
-            let events = memmem::find_iter(body, b"{\"name\":").count() as u64;
-            counts.events.fetch_add(events, Ordering::Relaxed);
-            counts.requests.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut span) = counts.span.lock() {
-                let now = Instant::now();
-                *span = Some(span.map_or((now, now), |(first, _)| (first, now)));
-            }
-            buf.drain(..head_end + length);
-            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-            if stream.write_all(ok).is_err() {
-                return;
-            }
+/// Handles the complete requests at the start of `buf` (parsed by their Content-Length, as the
+/// connection's bytes): checks signatures, counts, drains them; returns how many to answer.
+fn serve_buffer(buf: &mut Vec<u8>, counts: &Counts, secret: &str) -> usize {
+    let mut answered = 0;
+    while let Some((head_end, length)) = request_at(buf) {
+        if buf.len() < head_end + length {
+            break;
         }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let body = &buf[head_end..head_end + length];
+        let signature = header(&head, "x-pusher-signature");
+        let expected = hmac_hex(secret, &String::from_utf8_lossy(body));
+        if signature != Some(expected.as_str()) {
+            counts.bad_signatures.fetch_add(1, Ordering::Relaxed);
         }
+        // `"name":` anywhere (a key: inside a string it would be escaped); sockudo's event
+        // objects do not keep "name" as their first key.
+        let events = memmem::find_iter(body, b"\"name\":").count() as u64;
+        counts.events.fetch_add(events, Ordering::Relaxed);
+        counts.requests.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut span) = counts.span.lock() {
+            let now = Instant::now();
+            *span = Some(span.map_or((now, now), |(first, _)| (first, now)));
+        }
+        buf.drain(..head_end + length);
+        answered += 1;
     }
+    answered
 }
 
 /// The end of a complete request head at the start of `buf`, and its body length.
