@@ -97,14 +97,15 @@ pub fn run(config: Config) -> io::Result<()> {
         .iter()
         .map(|a| format!("{} (key {})", a.id, a.key))
         .collect();
+    // Blocked first, so that every thread started below (executors, webhook threads) inherits
+    // the mask and only the signal thread ever receives them: a signal never interrupts an
+    // executor's io_uring wait, nor kills the process through a thread that does not handle it.
+    let signals = block_shutdown_signals()?;
     let mut node = Node::new(config, shards);
     node.webhooks = Webhooks::start(&node.config, node.socket_prefix)?;
     let node = Arc::new(node);
 
     contain::install_panic_hook(node.clone());
-    // Blocked here, so that every executor thread started below inherits the mask and only the
-    // signal thread ever receives them: a signal never interrupts an executor's io_uring wait.
-    let signals = block_shutdown_signals()?;
     let for_signals = node.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -306,6 +307,7 @@ async fn run_shard(
     for accept in accepts {
         accept.await;
     }
+    shard.report_departures_at_exit();
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, api_only: bool) {

@@ -171,3 +171,27 @@ fn events_over_max_pending_are_dropped_counted_and_logged() {
     let delivered = delivered_occupied(&receiver.received());
     assert_eq!(delivered.len(), 5, "{hooks:?}");
 }
+
+#[test]
+fn a_server_stopping_sends_what_is_pending_before_it_exits() {
+    let receiver = Receiver::start();
+    let types = "\"channel_occupied\", \"channel_vacated\"";
+    let mut server = server_for(&receiver, types, "", "");
+    let mut client = server.ws();
+    client.subscribe("stopping");
+    receiver.wait_until("occupied", Duration::from_secs(10), |h| {
+        delivered_occupied(h) == ["stopping"]
+    });
+    // The drain closes the connection; its vacate does not wait out the 3 s at exit.
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let vacated: Vec<_> = receiver
+        .received()
+        .iter()
+        .flat_map(|h| h.events())
+        .filter(|e| e["name"] == "channel_vacated")
+        .collect();
+    assert_eq!(vacated.len(), 1, "sent before the process exited");
+    assert_eq!(vacated[0]["channel"], "stopping");
+}

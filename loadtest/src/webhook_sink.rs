@@ -81,26 +81,19 @@ pub fn run(a: &SinkArgs) {
         for ev in events.iter().take(n.max(0) as usize) {
             let fd = ev.u64 as i32;
             if fd == lfd {
-                loop {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let _ = stream.set_nonblocking(true);
-                            let _ = stream.set_nodelay(true);
-                            let cfd = stream.as_raw_fd();
-                            add(cfd, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32);
-                            conns.insert(
-                                cfd,
-                                Conn {
-                                    stream,
-                                    buf: Vec::new(),
-                                    out: Vec::new(),
-                                },
-                            );
-                            accepted += 1;
-                            max_open = max_open.max(conns.len());
-                        }
-                        Err(_) => break,
-                    }
+                while let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nonblocking(true);
+                    let _ = stream.set_nodelay(true);
+                    let cfd = stream.as_raw_fd();
+                    add(cfd, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32);
+                    let conn = Conn {
+                        stream,
+                        buf: Vec::new(),
+                        out: Vec::new(),
+                    };
+                    conns.insert(cfd, conn);
+                    accepted += 1;
+                    max_open = max_open.max(conns.len());
                 }
                 continue;
             }

@@ -487,6 +487,42 @@ impl Shard {
         }
     }
 
+    /// The shard is stopping (its connections are closed; leaves still on their way from other
+    /// shards will not be handled): every channel still counted here is reported vacated, with
+    /// its members removed, and the webhook events go to the hub now. A single node only: in a
+    /// cluster, Redis decides these when the node's share goes.
+    pub fn report_departures_at_exit(&self) {
+        if self.node.webhooks.is_none() || self.cluster.is_some() {
+            return;
+        }
+        let channels: Vec<(ChannelKey, Vec<String>)> = {
+            let channels = self.home.channels.borrow();
+            let members = |c: &HomeChannel| c.local_members().map(|(u, _)| u.to_string()).collect();
+            channels
+                .iter()
+                .map(|(k, c)| (k.clone(), members(c)))
+                .collect()
+        };
+        for (key, members) in channels {
+            for user_id in members {
+                self.webhook(&key, WebhookEventType::MemberRemoved, || {
+                    Event::MemberRemoved {
+                        channel: key.name.to_string(),
+                        user_id,
+                    }
+                });
+            }
+            self.webhook(&key, WebhookEventType::ChannelVacated, || {
+                Event::ChannelVacated {
+                    channel: key.name.to_string(),
+                }
+            });
+        }
+        if let Some(webhooks) = &self.node.webhooks {
+            self.webhook_outbox.hand_over(webhooks);
+        }
+    }
+
     /// Answers a question about the channels homed here.
     pub(super) fn answer(&self, question: Question) -> Answer {
         let channels = self.home.channels.borrow();

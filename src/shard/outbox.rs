@@ -26,6 +26,14 @@ impl Outbox {
         }
     }
 
+    /// Hands what is gathered to the hub now.
+    pub(super) fn hand_over(&self, webhooks: &Webhooks) {
+        let batch = std::mem::take(&mut *self.events.borrow_mut());
+        if !batch.is_empty() {
+            webhooks.emit_all(batch);
+        }
+    }
+
     /// The pump task: hands each batch to the hub (never waiting for it).
     pub(super) async fn pump(&self, webhooks: &Webhooks) {
         loop {
@@ -38,8 +46,7 @@ impl Outbox {
                 }
             })
             .await;
-            let batch = std::mem::take(&mut *self.events.borrow_mut());
-            webhooks.emit_all(batch);
+            self.hand_over(webhooks);
         }
     }
 }
