@@ -6,7 +6,7 @@ use super::durable::{Entry, ToRedis};
 use super::event::{self, Event};
 use super::gate::Gate;
 use super::sender::Outcome;
-use super::{AppHooks, Request, Stats};
+use super::{AppHooks, EventQueue, Request, Stats};
 use crate::auth::hmac_sha256_hex;
 use crate::config::WebhooksConfig;
 use std::cmp::Reverse;
@@ -18,13 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Longest wait between retries of one request.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// The hub wakes at least this often, whatever is scheduled.
-const IDLE_WAKE: Duration = Duration::from_secs(1);
+/// The hub looks at the shards' events this often while they come, and after a quiet second
+/// at least every `QUIET_WAKE` (so an event waits a few ms, at most 50 ms).
+const BUSY_WAKE: Duration = Duration::from_millis(2);
+const QUIET_WAKE: Duration = Duration::from_millis(50);
+const QUIET_AFTER: Duration = Duration::from_secs(1);
 
 /// What the hub is told.
 pub enum Inbox {
-    /// Events a shard saw: (the app's index in the configuration, what happened).
-    Events(Vec<(u32, Event)>),
     /// Entries read from an app's queue in Redis (a cluster).
     Entries {
         /// The app's index in the configuration.
@@ -186,10 +187,21 @@ impl Hub {
     }
 
     /// The thread's loop: until every sender is gone.
-    pub fn run(mut self, inbox: Receiver<Inbox>, finished: SyncSender<()>) {
+    pub fn run(
+        mut self,
+        inbox: Receiver<Inbox>,
+        events: Arc<EventQueue>,
+        finished: SyncSender<()>,
+    ) {
+        let mut last_event = Instant::now() - QUIET_AFTER;
+        let mut taken = Vec::new();
         loop {
             let now = Instant::now();
-            let wait = self.next_wake(now).saturating_duration_since(now);
+            let poll = match now.duration_since(last_event) < QUIET_AFTER {
+                true => BUSY_WAKE,
+                false => QUIET_WAKE,
+            };
+            let wait = self.next_wake(now + poll).saturating_duration_since(now);
             match inbox.recv_timeout(wait) {
                 Ok(message) => self.handle(message),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -198,6 +210,15 @@ impl Hub {
             // Whatever else already arrived, before scheduling.
             while let Ok(message) = inbox.try_recv() {
                 self.handle(message);
+            }
+            if let Ok(mut queue) = events.lock() {
+                std::mem::swap(&mut *queue, &mut taken);
+            }
+            if !taken.is_empty() {
+                last_event = Instant::now();
+            }
+            for (app, event) in taken.drain(..) {
+                self.accept(app, event);
             }
             self.run_due(Instant::now());
             self.dispatch();
@@ -219,11 +240,6 @@ impl Hub {
 
     fn handle(&mut self, message: Inbox) {
         match message {
-            Inbox::Events(events) => {
-                for (app, event) in events {
-                    self.accept(app, event);
-                }
-            }
             Inbox::Entries { app, entries } => {
                 for entry in entries {
                     self.accept_entry(app, entry);
@@ -523,9 +539,9 @@ impl Hub {
         }
     }
 
-    /// The earliest thing scheduled: a departure, a batch, a retry.
-    fn next_wake(&self, now: Instant) -> Instant {
-        let mut wake = now + IDLE_WAKE;
+    /// The earliest thing scheduled (a departure, a batch, a retry), or `latest`.
+    fn next_wake(&self, latest: Instant) -> Instant {
+        let mut wake = latest;
         let batches = self.batches.iter().flatten().filter_map(|b| b.deadline);
         let retry = self.retries.peek().map(|Reverse((due, _))| *due);
         for due in batches.chain(self.gate.next_due()).chain(retry) {

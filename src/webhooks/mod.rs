@@ -23,12 +23,20 @@ pub use event::Event;
 use crate::config::{AppConfig, Config, WebhookEventType};
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Messages (a shard's batch of events, a worker's outcome) the hub may have waiting.
+/// Messages (a worker's outcome, entries from Redis) the hub may have waiting.
 const INBOX_CAPACITY: usize = 16_384;
+/// Events the shards may have handed over and the hub not taken yet.
+const EVENTS_CAPACITY: usize = 65_536;
+
+/// Events handed over by the shards. A shard only appends (a lock that is almost never
+/// contended, no system call); the hub takes them every few milliseconds. Waking the hub's
+/// thread for each event instead, on the shard's own core, cost more than the event's whole
+/// handling (two context switches).
+pub type EventQueue = Mutex<Vec<(u32, Event)>>;
 
 /// One app's webhooks, as the hub and the workers use them.
 pub struct AppHooks {
@@ -144,6 +152,7 @@ impl Stats {
 /// The shards' handle on the webhooks: knows which events are wanted and passes them on.
 pub struct Webhooks {
     inbox: SyncSender<hub::Inbox>,
+    events: Arc<EventQueue>,
     /// Per app, the event types the shards emit (see `AppHooks::emitted_types`).
     emitted: Vec<u8>,
     /// Per app, the event types its webhooks take (with the pairs of the 3-second rule).
@@ -178,6 +187,8 @@ impl Webhooks {
         let agent = sender::agent(settings).map_err(io::Error::other)?;
         let stats = Arc::new(Stats::default());
         let (inbox, inbox_rx) = mpsc::sync_channel(INBOX_CAPACITY);
+        let events = Arc::new(EventQueue::default());
+        let hub_events = events.clone();
         let (jobs, jobs_rx) = mpsc::channel();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         // At least `max_in_flight_per_app` workers per app with webhooks: no app ever waits
@@ -219,9 +230,10 @@ impl Webhooks {
         );
         std::thread::Builder::new()
             .name("webhooks".into())
-            .spawn(move || hub.run(inbox_rx, finished_tx))?;
+            .spawn(move || hub.run(inbox_rx, hub_events, finished_tx))?;
         Ok(Some(Webhooks {
             inbox,
+            events,
             emitted,
             queued,
             stats,
@@ -245,13 +257,16 @@ impl Webhooks {
 
     /// Hands a shard's events (app, event) to the hub in one message, never waiting: when
     /// the hub is that far behind, they are dropped and counted.
-    pub fn emit_all(&self, events: Vec<(u32, Event)>) {
+    pub fn emit_all(&self, mut events: Vec<(u32, Event)>) {
         let n = events.len() as u64;
-        match self.inbox.try_send(hub::Inbox::Events(events)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.stats.drop_events(n, "the hub's inbox was full"),
-            Err(TrySendError::Disconnected(_)) => self.stats.drop_events(n, "the hub stopped"),
+        let Ok(mut queue) = self.events.lock() else {
+            return self.stats.drop_events(n, "the hub stopped");
+        };
+        if queue.len() + events.len() > EVENTS_CAPACITY {
+            drop(queue);
+            return self.stats.drop_events(n, "the hub was that far behind");
         }
+        queue.append(&mut events);
     }
 
     /// At exit: sends what waits (the 3 s delays end now: the server is leaving), and waits up
