@@ -1,6 +1,6 @@
 //! A shard's webhook events on their way to the webhook hub: gathered while the shard works and
-//! handed over in one message when its current task yields, so that the hub's thread is woken
-//! once per batch of events instead of once per event.
+//! appended to the hub's queue in one step when its current task yields (one lock per batch of
+//! events instead of one per event; the hub takes the queue on its own schedule).
 
 use crate::webhooks::{Event, Webhooks};
 use futures_lite::future::poll_fn;

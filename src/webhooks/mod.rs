@@ -3,13 +3,14 @@
 //! batches, signs, and hands requests to worker threads, retrying failures with backoff.
 //!
 //! ```text
-//! shard ──emit (try_send)──▶ hub ──request──▶ workers ──POST──▶ receiver
-//!                             ▲                  │
-//!                             └──── outcome ─────┘
+//! shard ──append (EventQueue)──▶ hub ──request──▶ workers ──POST──▶ receiver
+//!                                 ▲                  │
+//!                                 └──── outcome ─────┘
 //! ```
 //!
-//! Everything pending lives in the hub's memory, bounded by `[webhooks] max_pending`; what
-//! exceeds a bound is counted and logged.
+//! On a single node everything pending lives in the hub's memory, bounded per app by
+//! `[webhooks] max_pending`; what exceeds a bound is counted and logged. In a cluster the
+//! events are decided and queued in Redis (`durable`), and the hub reads them from there.
 
 mod durable;
 pub mod entries;
