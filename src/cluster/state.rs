@@ -783,7 +783,8 @@ pub fn decode_change(payload: &[u8]) -> Option<StateChange> {
     fields.next().is_none().then_some(change)
 }
 
-fn text(value: &Value) -> Option<String> {
+/// A string reply's text (bulk or simple; None for any other reply, or bytes not UTF-8).
+pub fn text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),

@@ -1,19 +1,11 @@
 //! Reading Redis stream replies (`XREADGROUP`, `XAUTOCLAIM`, `XINFO`) in RESP2 or RESP3 form.
 //! Redis is input like any other: anything of an unexpected shape is left out, never trusted.
 
+pub use crate::cluster::state::text as string_of;
 use redis::Value;
 
 /// One stream entry: its id and its fields (name, value).
 pub type StreamEntry = (String, Vec<(String, String)>);
-
-/// A string reply's text.
-pub fn string_of(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
 
 /// An integer reply, or a string holding one.
 pub fn int_of(value: &Value) -> Option<i64> {
