@@ -51,6 +51,17 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// How webhooks are delivered (`[webhooks]`); which webhooks each app has is per app.
     pub webhooks: WebhooksConfig,
+    /// Port of the operations listener: Prometheus metrics (`/metrics`), `/up` and `/ready`;
+    /// None: not served.
+    pub metrics_port: Option<u16>,
+    /// Address the operations listener binds (loopback unless asked otherwise).
+    pub metrics_host: String,
+    /// Seconds over which a shutdown closes the connections (4200), spread evenly, so that the
+    /// clients do not all reconnect to the remaining nodes at once; 0: all at once.
+    pub shutdown_grace_period: u32,
+    /// `/ready` answers 503 while the process's resident memory is above this many MiB, so that
+    /// a load balancer sends new clients elsewhere; 0: no limit.
+    pub ready_memory_limit_mb: u64,
 }
 
 /// What a node serves (`role`, `--role`).
@@ -313,6 +324,10 @@ impl Default for Config {
             apps: Vec::new(),
             cluster: None,
             webhooks: WebhooksConfig::default(),
+            metrics_port: None,
+            metrics_host: "127.0.0.1".into(),
+            shutdown_grace_period: 3,
+            ready_memory_limit_mb: 0,
         }
     }
 }
@@ -615,6 +630,9 @@ pub struct Cli {
     pub redis_url: Option<String>,
     /// `--role`: what the node serves (overrides `role` and `SHARDPUSH_ROLE`).
     pub role: Option<String>,
+    /// `--metrics-port`: serve metrics and health there (overrides `metrics_port` and
+    /// `SHARDPUSH_METRICS_PORT`).
+    pub metrics_port: Option<u16>,
 
     /// `-h`/`--help`: print `HELP` and exit.
     pub help: bool,
@@ -635,10 +653,13 @@ OPTIONS:
     -p, --port <PORT>      Port for WebSocket and HTTP API [env SHARDPUSH_PORT; default 6001; 0 = any free port]
         --api-port <PORT>  Also serve the HTTP API alone on this port
         --shards <N>       Executor threads, one per core [env SHARDPUSH_SHARDS; default: available CPUs]
-                --redis-url <URL>  Run as one node of a cluster through Redis, e.g. redis://127.0.0.1:6379
+        --redis-url <URL>  Run as one node of a cluster through Redis, e.g. redis://127.0.0.1:6379
                            [env SHARDPUSH_REDIS_URL; see [cluster] in README.md]
         --role <ROLE>      all, websocket (clients only) or api (HTTP API only); the last two
                            need a cluster [env SHARDPUSH_ROLE; default all]
+        --metrics-port <PORT>
+                           Serve Prometheus /metrics, /up and /ready on this port (on
+                           metrics_host, default 127.0.0.1) [env SHARDPUSH_METRICS_PORT]
     -h, --help             Print this help
     -V, --version          Print the version
 
@@ -682,6 +703,13 @@ impl Cli {
                 }
                 "--redis-url" => cli.redis_url = Some(value("--redis-url")?),
                 "--role" => cli.role = Some(value("--role")?),
+                "--metrics-port" => {
+                    cli.metrics_port = Some(parse_num(
+                        "command line",
+                        "--metrics-port",
+                        &value("--metrics-port")?,
+                    )?)
+                }
                 "--shards" => {
                     cli.shards = Some(parse_num("command line", "--shards", &value("--shards")?)?)
                 }
@@ -721,6 +749,9 @@ impl Config {
         }
         if let Some(v) = env("SHARDPUSH_ROLE") {
             config.role = Role::parse(ENV, "SHARDPUSH_ROLE", &v)?;
+        }
+        if let Some(v) = env("SHARDPUSH_METRICS_PORT") {
+            config.metrics_port = Some(parse_num(ENV, "SHARDPUSH_METRICS_PORT", &v)?);
         }
         if let Some(url) = env("SHARDPUSH_REDIS_URL") {
             config
@@ -772,6 +803,9 @@ impl Config {
         }
         if let Some(role) = &cli.role {
             config.role = Role::parse("command line", "--role", role)?;
+        }
+        if cli.metrics_port.is_some() {
+            config.metrics_port = cli.metrics_port;
         }
         if let Some(cluster) = config.cluster.as_mut().filter(|c| c.node_id.is_empty()) {
             cluster.node_id = generated_node_id();
@@ -840,6 +874,13 @@ impl Config {
                 source,
                 "max_partial_message_bytes",
                 "must be at least max_ws_message_bytes",
+            ));
+        }
+        if self.shutdown_grace_period > 300 {
+            return Err(err(
+                source,
+                "shutdown_grace_period",
+                "must be at most 300 seconds",
             ));
         }
         if self.max_ws_message_bytes < 1024 {
