@@ -5,6 +5,7 @@
 //! - `auth`: HMAC signatures and constant-time comparison.
 //! - `config`: TOML + environment + command line.
 //! - `log`: operator messages that can never stall or stop a thread.
+//! - `metrics`: each shard's counters (one writer each), summed when scraped.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
 //! - `cluster`: several nodes through Redis: each shard's Redis link and the message format.
 //! - `webhooks`: events for the apps' HTTP receivers, sent from threads of their own (in a
@@ -12,6 +13,7 @@
 //! - `shard`: the runtime of one core: connections, the mesh between shards, fanout, the home
 //!   side of channels, liveness, shutdown.
 //! - `http` and `websocket`: the sessions, one per kind of socket; they drive the runtime.
+//! - `ops`: what operators ask of the process: Prometheus metrics, `/up` and `/ready`.
 //! - `server`: startup, executors, listeners, signals.
 
 #![warn(missing_docs)]
@@ -25,6 +27,8 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod log;
+pub mod metrics;
+pub mod ops;
 pub mod protocol;
 pub mod server;
 pub mod shard;

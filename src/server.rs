@@ -74,6 +74,9 @@ pub fn shard_count(config: &Config) -> usize {
 /// 256 from 4,096 on). With the default, each cancel walked ~1/8 of all sockets.
 const RING_DEPTH: usize = 4096;
 
+/// While a shutdown spreads its closes, how often the shards close their next share.
+const SPREAD_TICK: Duration = Duration::from_millis(10);
+
 /// At exit, how long webhooks still pending may take to be delivered.
 const WEBHOOK_FINISH: Duration = Duration::from_secs(5);
 
@@ -102,8 +105,13 @@ pub fn run(config: Config) -> io::Result<()> {
     // executor's io_uring wait, nor kills the process through a thread that does not handle it.
     let signals = block_shutdown_signals()?;
     let mut node = Node::new(config, shards);
+    let ops_listener = crate::ops::bind(&node)?;
     node.webhooks = Webhooks::start(&node.config, node.socket_prefix)?;
     let node = Arc::new(node);
+    let ops_addr = match ops_listener {
+        Some(listener) => Some(crate::ops::serve(listener, node.clone())?),
+        None => None,
+    };
 
     contain::install_panic_hook(node.clone());
     let for_signals = node.clone();
@@ -132,12 +140,16 @@ pub fn run(config: Config) -> io::Result<()> {
             Err(_) => return Err(io::Error::other("a shard stopped during startup")),
         }
     }
+    node.started.store(true, Ordering::Release);
     crate::log_info!(
         "shardpush {} listening on {addr} (WebSocket /app/{{key}} and HTTP API)",
         env!("CARGO_PKG_VERSION")
     );
     if let Some(a) = api_addr {
         crate::log_info!("shardpush HTTP API also on {a}");
+    }
+    if let Some(a) = ops_addr {
+        crate::log_info!("shardpush metrics on http://{a}/metrics (and /up, /ready)");
     }
     crate::log_info!("shardpush shards: {shards} (one glommio executor per core, SO_REUSEPORT)");
     crate::log_info!("shardpush apps: {}", app_list.join(", "));
@@ -201,7 +213,24 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     node.shutdown.store(true, Ordering::Release);
     node.wake_shards();
     let code = crate::protocol::codes::SHUTTING_DOWN;
-    crate::log_warn!("signal {first} received, closing connections ({code}) and stopping");
+    let grace = node.config.shutdown_grace_period;
+    crate::log_warn!(
+        "signal {first} received: not ready, closing connections ({code}) over {grace} s, \
+         then stopping"
+    );
+    // The shards close their connections a share at a time, at each of these wake-ups.
+    let spread_end = Instant::now() + Duration::from_secs(grace.into());
+    loop {
+        let left = spread_end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Some(second) = next_signal(&set, Some(left.min(SPREAD_TICK))) {
+            exit_now(second);
+        }
+        node.wake_shards();
+    }
+    node.wake_shards();
     if let Some(second) = next_signal(&set, Some(drain)) {
         exit_now(second);
     }
@@ -366,6 +395,7 @@ async fn serve_new_socket(
     let config = &shard.node().config;
     if in_progress >= config.max_pending_connections {
         let message = "Too many connections are being opened at once; retry shortly";
+        crate::metrics::here().http_request(crate::metrics::Route::Other, 503);
         let _ = stream.write_all(&http::error_response(503, message)).await;
         return;
     }

@@ -5,6 +5,7 @@ use super::ChannelKey;
 use crate::protocol::events::PresenceMember;
 use crate::protocol::json::push_str_literal;
 use ahash::AHashMap;
+use std::collections::hash_map::Entry;
 
 /// A user in a presence channel, however many of their sockets joined it.
 pub struct Member {
@@ -212,6 +213,15 @@ impl HomeChannel {
     }
 }
 
+/// Counts a channel in or out of the shard's channel gauge (users' `#server-to-user-` channels
+/// are not channels to an operator).
+fn count_channel(key: &ChannelKey, n: i64) {
+    if !key.name.starts_with('#') {
+        let channels = &crate::metrics::here().channels;
+        crate::metrics::ShardMetrics::app_gauge(channels, key.app, n);
+    }
+}
+
 /// Every channel homed on one shard that has subscribers anywhere. Owned by that shard.
 pub struct HomeChannels {
     shards: usize,
@@ -247,10 +257,13 @@ impl HomeChannels {
         max_members: u32,
     ) -> Result<Joined, String> {
         let shards = self.shards;
-        let channel = self
-            .channels
-            .entry(key.clone())
-            .or_insert_with(|| HomeChannel::new(shards));
+        let channel = match self.channels.entry(key.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                count_channel(key, 1);
+                e.insert(HomeChannel::new(shards))
+            }
+        };
         let mut joined = Joined::Socket;
         if let Some(joining) = member {
             // The cap counts the members of the cluster where they are known.
@@ -263,6 +276,7 @@ impl HomeChannels {
                     if full {
                         if channel.total == 0 {
                             self.channels.remove(key);
+                            count_channel(key, -1);
                         }
                         return Err(format!(
                             "Presence channel {} is full: it allows {max_members} members",
@@ -274,6 +288,8 @@ impl HomeChannels {
                         user_info: joining.user_info.clone(),
                         sockets: 1,
                     });
+                    let members = &crate::metrics::here().presence_members;
+                    crate::metrics::ShardMetrics::app_gauge(members, key.app, 1);
                     joined = Joined::NewMember;
                 }
             }
@@ -296,12 +312,15 @@ impl HomeChannels {
                 members[i].sockets -= 1;
                 if members[i].sockets == 0 {
                     members.remove(i);
+                    let members = &crate::metrics::here().presence_members;
+                    crate::metrics::ShardMetrics::app_gauge(members, key.app, -1);
                     last = true;
                 }
             }
         }
         if channel.total == 0 {
             self.channels.remove(key);
+            count_channel(key, -1);
         }
         last
     }

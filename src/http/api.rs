@@ -73,12 +73,8 @@ pub async fn handle(shard: &Shard, head: &Head, body: &[u8]) -> Reply {
 
 async fn route(shard: &Shard, head: &Head, body: &[u8]) -> Result<Reply, ApiError> {
     let (path, raw_query) = head.path_and_query();
-    if path == "/" || path == "/health" || path == "/ready" {
-        return Ok(Reply {
-            status: 200,
-            content_type: "text/plain",
-            body: "OK".into(),
-        });
+    if let Some(reply) = crate::ops::health(shard.node(), path) {
+        return Ok(reply);
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let node = shard.node();
@@ -358,6 +354,10 @@ async fn publish(shard: &Shard, app: u32, events: &[Event]) -> Result<(), ApiErr
         }
     }
     let refused = shard.publish_all(publications).await;
+    if refused == 0 {
+        let published = &crate::metrics::here().events_published;
+        published.add(events.len() as u64);
+    }
     if refused == 0 && shard.node().app(app).event_stream {
         for event in events {
             let socket_id = match (event.except, &event.except_elsewhere) {

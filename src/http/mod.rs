@@ -4,6 +4,7 @@
 pub mod api;
 pub mod signature;
 
+use crate::metrics::Route;
 use crate::shard::deadline::{Deadline, DeadlineGuard};
 use crate::shard::Shard;
 use futures_lite::io::{AsyncRead, AsyncWriteExt};
@@ -192,10 +193,12 @@ pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>)
         match parse_head(buf) {
             Parsed::Complete(head) => return Some(head),
             Parsed::Invalid(message) => {
+                crate::metrics::here().http_request(Route::Other, 400);
                 let _ = stream.write_all(&error_response(400, &message)).await;
                 return None;
             }
             Parsed::Partial if buf.len() >= MAX_HEAD_BYTES => {
+                crate::metrics::here().http_request(Route::Other, 431);
                 let _ = stream
                     .write_all(&error_response(431, "Request head too large"))
                     .await;
@@ -260,8 +263,11 @@ async fn serve_requests(
 ) {
     let config = &shard.node().config;
     let max_body = config.max_request_body_bytes;
+    let metrics = crate::metrics::here();
     loop {
+        let route = Route::of(&head.method, head.path_and_query().0);
         if head.header("transfer-encoding").is_some() {
+            metrics.http_request(route, 411);
             let _ = stream
                 .write_all(&error_response(411, "Send the body with a Content-Length"))
                 .await;
@@ -270,11 +276,13 @@ async fn serve_requests(
         let length = match content_length(&head) {
             Ok(n) => n,
             Err(message) => {
+                metrics.http_request(route, 400);
                 let _ = stream.write_all(&error_response(400, message)).await;
                 return;
             }
         };
         if length > max_body {
+            metrics.http_request(route, 413);
             let message =
                 format!("Request body of {length} bytes exceeds the limit of {max_body} bytes");
             let _ = stream.write_all(&error_response(413, &message)).await;
@@ -290,6 +298,7 @@ async fn serve_requests(
         let persistent = head.keep_alive();
         let body = &buf[head.len..head.len + length];
         let reply = api::handle(shard, &head, body).await;
+        metrics.http_request(route, reply.status);
         let bytes = response(
             reply.status,
             reply.content_type,

@@ -89,6 +89,9 @@ pub struct Conn {
     pub partial_since: Cell<Option<u32>>,
     /// Closed to free the partial-message budget: its reader drops what it holds and all input.
     pub discard_input: Cell<bool>,
+    /// The close code that ended the connection: ours, or the peer's when it closed first
+    /// (0: none yet).
+    close_code: Cell<u16>,
 }
 
 /// Seconds a closing connection gets to flush and see the peer's close before it is dropped.
@@ -116,6 +119,16 @@ impl Conn {
             partial_bytes: Cell::new(0),
             partial_since: Cell::new(None),
             discard_input: Cell::new(false),
+            close_code: Cell::new(0),
+        }
+    }
+
+    /// The close code that ended the connection, for the metrics: 1006 (closed without a close
+    /// frame) when neither side sent one.
+    pub fn close_code(&self) -> u16 {
+        match self.close_code.get() {
+            0 => codes::ABNORMAL_CLOSURE,
+            code => code,
         }
     }
 
@@ -158,6 +171,7 @@ impl Conn {
     /// Queues a frame and wakes the socket's task to write it; returns false (and starts a 4100
     /// close) when the socket is a slow consumer.
     pub fn send(&self, frame: Rc<[u8]>, max_queued: usize) -> bool {
+        crate::metrics::here().frames_delivered.inc();
         let ok = self.queue(frame, max_queued);
         self.wake();
         ok
@@ -222,6 +236,7 @@ impl Conn {
         self.close_with(
             Some(events::error(Some(code), reason)),
             ws::close_frame(code, reason),
+            code,
             now,
         );
     }
@@ -235,13 +250,14 @@ impl Conn {
             }
             _ => ws::encode_frame(ws::OP_CLOSE, &[]),
         };
-        self.close_with(None, frame, Some(now));
+        self.close_with(None, frame, code.unwrap_or(codes::NO_STATUS), Some(now));
     }
 
-    fn close_with(&self, error: Option<Vec<u8>>, close: Vec<u8>, now: Option<u32>) {
+    fn close_with(&self, error: Option<Vec<u8>>, close: Vec<u8>, code: u16, now: Option<u32>) {
         if self.is_closing() {
             return;
         }
+        self.close_code.set(code);
         {
             let mut q = self.out.borrow_mut();
             for frame in error.into_iter().chain([close]) {
@@ -323,6 +339,7 @@ impl Conn {
                     _ => Err(err),
                 };
             }
+            crate::metrics::here().bytes_sent.add(written as u64);
             q.consume(written as usize);
         }
         // An idle socket keeps room for a few frames (no allocation per delivery), not a burst's.

@@ -52,7 +52,11 @@ impl Fanout {
             let local = self.subscribers.borrow();
             let mut dirty = self.dirty.borrow_mut();
             let mut slow = 0u64;
-            for conn in local.subscribers(key) {
+            let subscribers = local.subscribers(key);
+            crate::metrics::here()
+                .frames_delivered
+                .add(subscribers.len() as u64);
+            for conn in subscribers {
                 if Some(conn.id) == except {
                     continue;
                 }

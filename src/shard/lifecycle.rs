@@ -1,12 +1,16 @@
-//! A shard's life after startup: serving until a shutdown is asked for, then draining (every
-//! connection is closed with 4200) until they are all gone or the drain is over. The signal
-//! thread wakes each shard directly (`Node::wake_shards`), so shutdown never waits for a timer.
+//! A shard's life after startup: serving until a shutdown is asked for, then draining until its
+//! connections are all gone or the drain is over. A drain closes the connections with 4200
+//! spread evenly over `shutdown_grace_period`, so that their clients do not all reconnect to the
+//! remaining nodes in the same moment. The signal thread wakes each shard directly
+//! (`Node::wake_shards`, every few milliseconds while the closes are spread), so shutdown never
+//! waits for an executor's timer.
 
 use super::Shard;
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// Where a shard is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,8 +57,28 @@ impl Shard {
     pub async fn lifecycle(&self) {
         self.wait_for(|| self.node.shutdown.load(Ordering::Acquire))
             .await;
+        let started = Instant::now();
         self.begin_drain();
+        let grace = Duration::from_secs(self.node.config.shutdown_grace_period.into());
+        // The connections of the moment, closed in this order, a share at each wake-up: by
+        // `t` into the grace period, the first `n * t / grace` of them.
+        let mut to_close: Vec<u64> = self.conns.borrow().keys().copied().collect();
+        let total = to_close.len();
         self.wait_for(|| {
+            let elapsed = started.elapsed();
+            let due = match elapsed >= grace {
+                true => total,
+                false => (total as u128 * elapsed.as_micros() / grace.as_micros()) as usize,
+            };
+            let closed = total - to_close.len();
+            if due > closed {
+                self.close_for_shutdown(to_close.drain(..due - closed));
+            }
+            if elapsed >= grace {
+                // Sockets admitted while the drain began (their upgrade was under way) too.
+                let late: Vec<u64> = self.conns.borrow().keys().copied().collect();
+                self.close_for_shutdown(late.into_iter());
+            }
             self.conns.borrow().is_empty() || self.node.drain_over.load(Ordering::Acquire)
         })
         .await;
@@ -64,15 +88,21 @@ impl Shard {
         self.lifecycle.phase.set(Phase::Draining);
         let waiters = std::mem::take(&mut *self.lifecycle.drain_waiters.borrow_mut());
         waiters.into_iter().for_each(Waker::wake);
+    }
+
+    /// Closes these connections with 4200 (those already closing are left as they are).
+    fn close_for_shutdown(&self, ids: impl Iterator<Item = u64>) {
         let now = Some(self.now_secs());
-        for conn in self.conns.borrow().values() {
-            let reason = "Server shutting down, reconnect";
-            conn.close_with_error(crate::protocol::codes::SHUTTING_DOWN, reason, now);
+        for id in ids {
+            if let Some(conn) = self.conn(id) {
+                let reason = "Server shutting down, reconnect";
+                conn.close_with_error(crate::protocol::codes::SHUTTING_DOWN, reason, now);
+            }
         }
     }
 
     /// Waits until `done`, woken through the node's lifecycle waker of this shard.
-    async fn wait_for(&self, done: impl Fn() -> bool) {
+    async fn wait_for(&self, mut done: impl FnMut() -> bool) {
         poll_fn(|cx| {
             if done() {
                 return Poll::Ready(());

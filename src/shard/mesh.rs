@@ -102,6 +102,7 @@ impl Mesh {
     /// Queues `msg` for `shard` (this one included); its pump sends it in order.
     pub(super) fn send(&self, shard: usize, msg: ShardMsg) {
         self.outbox.borrow_mut()[shard].push_back(msg);
+        crate::metrics::here().mesh_queue_depth.add(1);
         if let Some(w) = self.pump_wakers.borrow_mut()[shard].take() {
             w.wake();
         }
@@ -109,7 +110,11 @@ impl Mesh {
 
     /// The next message queued for `shard`, if any.
     pub(super) fn pop(&self, shard: usize) -> Option<ShardMsg> {
-        self.outbox.borrow_mut()[shard].pop_front()
+        let msg = self.outbox.borrow_mut()[shard].pop_front();
+        if msg.is_some() {
+            crate::metrics::here().mesh_queue_depth.add(-1);
+        }
+        msg
     }
 
     /// Resolves once a message is queued for `shard`.

@@ -32,7 +32,7 @@ mod sweeper;
 pub mod users;
 
 pub use lifecycle::Phase;
-pub use node::Node;
+pub use node::{Node, NotReady};
 
 use crate::channels::ChannelKey;
 use crate::config::WebhookEventType;
@@ -102,6 +102,15 @@ pub struct Shard {
     read_buffer: RefCell<Box<[u8]>>,
 }
 
+/// Counts a confirmed subscription in or out of the shard's gauge (a signed-in user's
+/// `#server-to-user-` channel is not a subscription).
+fn count_subscription(key: &ChannelKey, n: i64) {
+    if !key.name.starts_with('#') {
+        let subscriptions = &crate::metrics::here().subscriptions;
+        crate::metrics::ShardMetrics::app_gauge(subscriptions, key.app, n);
+    }
+}
+
 /// This shard's ends of the glommio channel mesh, for sending to each peer.
 pub type MeshSenders = glommio::channels::channel_mesh::Senders<ShardMsg>;
 /// This shard's ends of the glommio channel mesh, for receiving from each peer.
@@ -114,6 +123,8 @@ impl Shard {
     /// Shard `id` of `node`. Its tasks are started by `start`.
     pub fn new(id: usize, node: Arc<Node>) -> Shard {
         let n = node.shards;
+        // Shards are created on their own executor thread: its metrics are these from now on.
+        crate::metrics::enter(node.metrics[id]);
         Shard {
             id,
             started: Instant::now(),
@@ -316,6 +327,8 @@ impl Shard {
         let node = &self.node;
         node.connections.fetch_sub(1, Ordering::Relaxed);
         node.app_connections[conn.app as usize].fetch_sub(1, Ordering::Relaxed);
+        let closed = &crate::metrics::here().connections_closed;
+        closed[crate::metrics::close_slot(conn.close_code())].inc();
         self.on_disconnect();
     }
 
@@ -449,6 +462,7 @@ impl Shard {
     /// Ends a confirmed subscription: the socket leaves the fanout and the home uncounts it.
     pub fn unsubscribe_confirmed(&self, key: ChannelKey, conn: &Conn, user_id: Option<String>) {
         self.fanout.remove(&key, conn);
+        count_subscription(&key, -1);
         self.leave(key, user_id);
     }
 
@@ -507,6 +521,7 @@ impl Shard {
                 if let Some(event) = cache_event {
                     conn.send(Rc::from(&event[..]), max);
                 }
+                count_subscription(&key, 1);
                 self.fanout.add(key, conn);
             }
             (Some(i), false) => {

@@ -3,10 +3,11 @@
 //! shard writes too, except the relaxed counters.
 
 use crate::config::{AppConfig, Config};
+use crate::metrics::ShardMetrics;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 /// This server process: one per process, created at startup, shared (`Arc`) by every shard, the
 /// signal thread and the panic hook. Read-mostly: the configuration never changes; counters
@@ -50,6 +51,35 @@ pub struct Node {
     /// Bytes each shard's frame readers hold for incomplete messages (one slot per shard, written
     /// only by its owner; summed only when a shard is over its fair share of the budget).
     partial_bytes: Vec<ShardCounter>,
+    /// Each shard's counters for the metrics (written only by that shard; they live as long as
+    /// the process).
+    pub metrics: Vec<&'static ShardMetrics>,
+    /// Every shard is listening: the process is ready for clients (until a shutdown).
+    pub started: AtomicBool,
+    /// When the process started, for the metrics.
+    pub started_at: SystemTime,
+}
+
+/// Why the process is not ready for new clients (`/ready` answers 503 with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotReady {
+    /// The shards are not all listening yet.
+    Starting,
+    /// A shutdown is under way.
+    Draining,
+    /// Resident memory is above `ready_memory_limit_mb`.
+    MemoryLimit,
+}
+
+impl NotReady {
+    /// The reason, for the 503's body and the metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            NotReady::Starting => "starting",
+            NotReady::Draining => "draining",
+            NotReady::MemoryLimit => "memory above ready_memory_limit_mb",
+        }
+    }
 }
 
 /// A counter on a cache line of its own, so that shards writing their own never contend.
@@ -79,7 +109,30 @@ impl Node {
             lifecycle_wakers: Mutex::new(vec![None; shards]),
             webhooks: None,
             partial_bytes: (0..shards).map(|_| ShardCounter::default()).collect(),
+            metrics: (0..shards)
+                .map(|_| &*Box::leak(Box::new(ShardMetrics::new(apps))))
+                .collect(),
+            started: AtomicBool::new(false),
+            started_at: SystemTime::now(),
         }
+    }
+
+    /// Whether a load balancer should send new clients here: started, not shutting down, and
+    /// under the memory limit.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(NotReady::Draining);
+        }
+        if !self.started.load(Ordering::Acquire) {
+            return Err(NotReady::Starting);
+        }
+        let limit_mb = self.config.ready_memory_limit_mb;
+        if limit_mb > 0
+            && crate::metrics::resident_memory_bytes().is_some_and(|b| b > limit_mb << 20)
+        {
+            return Err(NotReady::MemoryLimit);
+        }
+        Ok(())
     }
 
     /// Wakes every shard's lifecycle task, from any thread.
@@ -154,7 +207,7 @@ impl Node {
     }
 
     /// Bytes all shards' readers hold for incomplete messages.
-    pub(super) fn partial_bytes_total(&self) -> usize {
+    pub fn partial_bytes_total(&self) -> usize {
         self.partial_bytes
             .iter()
             .map(|c| c.0.load(Ordering::Relaxed))

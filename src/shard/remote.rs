@@ -166,6 +166,7 @@ impl Shard {
             LinkEvent::Subscribed(topic) => self.release_held(&topic, false),
             LinkEvent::Reply { token, value } => self.on_reply(token, &value),
             LinkEvent::Up => {
+                crate::metrics::here().redis_link_up.set(1);
                 if self.cluster_link_up.replace(Some(true)) != Some(true) {
                     crate::log_info!("shard {}: Redis link up", self.id);
                 }
@@ -183,6 +184,11 @@ impl Shard {
                     self.announce(announcement);
                 }
                 self.forget_questions();
+                let metrics = crate::metrics::here();
+                if metrics.redis_link_up.get() == 1 {
+                    metrics.redis_link_losses.inc();
+                }
+                metrics.redis_link_up.set(0);
                 if self.cluster_link_up.replace(Some(false)) != Some(false) {
                     crate::log_warn!("shard {}: Redis link down ({reason}); retrying", self.id);
                 }

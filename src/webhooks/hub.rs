@@ -223,6 +223,10 @@ impl Hub {
             self.run_due(Instant::now());
             self.dispatch();
             self.keep_entries();
+            let pending = self.pending() as u64;
+            self.stats
+                .pending
+                .store(pending, std::sync::atomic::Ordering::Relaxed);
             if self.finishing && self.pending() == 0 && !self.finish_told {
                 self.finish_told = true;
                 match &self.durable {

@@ -126,9 +126,12 @@ pub struct Request {
     attempts: u32,
 }
 
-/// What became of webhook events, for the exit report (and later, metrics).
+/// What became of webhook events, for the metrics and the exit report.
 #[derive(Default)]
 pub struct Stats {
+    /// Events held by this node for delivery (waiting, batched, in flight, retrying, or in the
+    /// 3 s delay), as of the hub's last turn.
+    pub pending: AtomicU64,
     /// Events in requests that got a 2xx.
     pub delivered: AtomicU64,
     /// Events given up on: refused by the receiver (4xx), or still failing after `retry_for`.

@@ -351,6 +351,7 @@ fn client_event(
         );
     }
     if !take_token(shard, conn, app.max_client_events_per_second as f32) {
+        crate::metrics::here().client_events_rate_limited.inc();
         return fail(
             Some(codes::CLIENT_EVENT_REJECTED),
             "Client event rejected due to rate limit",
@@ -363,6 +364,7 @@ fn client_event(
         user_id.as_deref(),
     );
     let key = ChannelKey::new(conn.app, channel);
+    crate::metrics::here().client_events.inc();
     shard.webhook(&key, WebhookEventType::ClientEvent, || Event::ClientEvent {
         channel: channel.to_string(),
         event: event.to_string(),

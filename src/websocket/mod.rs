@@ -6,6 +6,7 @@ mod handlers;
 mod signin;
 
 use crate::http::{error_response, signature::parse_query, Head};
+use crate::metrics::Route;
 use crate::protocol::codes;
 use crate::protocol::events;
 use crate::protocol::ws::{self, FrameReader};
@@ -42,13 +43,16 @@ async fn upgrade(
     mut buf: Vec<u8>,
 ) -> Option<(u32, Vec<u8>)> {
     buf.drain(..head.len);
+    let refused = |status| crate::metrics::here().http_request(Route::WebSocketUpgrade, status);
     let Some(sec_key) = head.header("sec-websocket-key") else {
+        refused(400);
         let _ = stream
             .write_all(&error_response(400, "Missing Sec-WebSocket-Key"))
             .await;
         return None;
     };
     if head.header("sec-websocket-version") != Some("13") {
+        refused(426);
         let _ = stream
             .write_all(&error_response(
                 426,
@@ -132,6 +136,7 @@ fn open(shard: &Shard, stream: &TcpStream, app: u32) -> Rc<Conn> {
     let conn = Rc::new(Conn::new(id, app, shard.now_secs(), burst));
     conn.fd.set(stream.as_raw_fd());
     shard.add_conn(conn.clone());
+    crate::metrics::here().connections_opened.inc();
     let hello = events::connection_established(&node.socket_id(id), node.config.activity_timeout);
     conn.send_vec(hello, usize::MAX);
     conn
@@ -153,6 +158,7 @@ fn read_and_handle(
         let max_message = shard.node().config.max_ws_message_bytes;
         loop {
             while let Some(inbound) = reader.next(max_message) {
+                crate::metrics::here().client_messages.inc();
                 handlers::handle_inbound(&shard, &conn, inbound);
                 // What the frame sent this shard (a join or sign-in homed here) is handled
                 // before the next frame, so that frame sees its outcome.
@@ -242,6 +248,7 @@ fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
 
 /// Completes a refused upgrade: `pusher:error`, then a close with the same code.
 async fn reject(shard: &Shard, stream: &mut TcpStream, code: u16, reason: &str) {
+    crate::metrics::here().connections_refused[crate::metrics::close_slot(code)].inc();
     let mut bytes = events::error(Some(code), reason);
     bytes.extend(ws::close_frame(code, reason));
     if stream.write_all(&bytes).await.is_err() {
@@ -290,7 +297,10 @@ fn poll_io(
             // The socket is full: glommio's write wakes us when it drains (and may write some).
             Ok(false) => {
                 match conn.with_front(|front| Pin::new(&mut *stream).poll_write(cx, front)) {
-                    Some(Poll::Ready(Ok(n))) => conn.consume(n),
+                    Some(Poll::Ready(Ok(n))) => {
+                        crate::metrics::here().bytes_sent.add(n as u64);
+                        conn.consume(n);
+                    }
                     Some(Poll::Ready(Err(_))) => return Poll::Ready(Io::Done),
                     _ => break,
                 }
@@ -301,6 +311,7 @@ fn poll_io(
     match Pin::new(&mut *stream).poll_read(cx, &mut buffer[..]) {
         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Io::Done),
         Poll::Ready(Ok(n)) => {
+            crate::metrics::here().bytes_received.add(n as u64);
             reader.feed(&buffer[..n]);
             Poll::Ready(Io::Read)
         }
