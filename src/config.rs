@@ -62,6 +62,11 @@ pub struct Config {
     /// `/ready` answers 503 while the process's resident memory is above this many MiB, so that
     /// a load balancer sends new clients elsewhere; 0: no limit.
     pub ready_memory_limit_mb: u64,
+    /// PEM file of the certificate chain for `wss://` and `https://` on the main port (and the
+    /// API port); with `tls_key`. Empty: plain TCP.
+    pub tls_cert: String,
+    /// PEM file of the certificate's private key.
+    pub tls_key: String,
 }
 
 /// What a node serves (`role`, `--role`).
@@ -328,6 +333,8 @@ impl Default for Config {
             metrics_host: "127.0.0.1".into(),
             shutdown_grace_period: 3,
             ready_memory_limit_mb: 0,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -875,6 +882,13 @@ impl Config {
                 "max_partial_message_bytes",
                 "must be at least max_ws_message_bytes",
             ));
+        }
+        if self.tls_cert.is_empty() != self.tls_key.is_empty() {
+            let (key, other) = match self.tls_cert.is_empty() {
+                true => ("tls_cert", "tls_key"),
+                false => ("tls_key", "tls_cert"),
+            };
+            return Err(err(source, key, format!("is needed with {other}")));
         }
         if self.shutdown_grace_period > 300 {
             return Err(err(

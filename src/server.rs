@@ -187,7 +187,8 @@ pub fn run(config: Config) -> io::Result<()> {
     Ok(())
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and so in every thread it starts later).
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every thread it starts
+/// later): the signal thread takes them with `sigwait`.
 fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
     // SAFETY: plain libc calls on a local, initialised signal set.
     unsafe {
@@ -195,6 +196,7 @@ fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
@@ -209,7 +211,7 @@ fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
 /// shutdown never depends on an executor's timers.
 fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     let drain = Duration::from_secs(crate::shard::conn::CLOSE_GRACE_SECS as u64 + 1);
-    let first = next_signal(&set, None).unwrap_or(0);
+    let first = next_signal(node, &set, None).unwrap_or(0);
     node.shutdown.store(true, Ordering::Release);
     node.wake_shards();
     let code = crate::protocol::codes::SHUTTING_DOWN;
@@ -225,20 +227,20 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
         if left.is_zero() {
             break;
         }
-        if let Some(second) = next_signal(&set, Some(left.min(SPREAD_TICK))) {
+        if let Some(second) = next_signal(node, &set, Some(left.min(SPREAD_TICK))) {
             exit_now(second);
         }
         node.wake_shards();
     }
     node.wake_shards();
-    if let Some(second) = next_signal(&set, Some(drain)) {
+    if let Some(second) = next_signal(node, &set, Some(drain)) {
         exit_now(second);
     }
     node.drain_over.store(true, Ordering::Release);
     node.wake_shards();
     // The shards stop within moments of the drain's end; if the process is still here much later
     // something is stuck, and a supervisor is better served by an exit than by a hang.
-    match next_signal(&set, Some(Duration::from_secs(10))) {
+    match next_signal(node, &set, Some(Duration::from_secs(10))) {
         Some(second) => exit_now(second),
         None => {
             crate::log_warn!("shutdown did not finish 10 s after the drain; exiting");
@@ -248,9 +250,27 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     }
 }
 
-/// The next of the blocked signals, waiting at most `timeout` (None: for ever).
-fn next_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<i32> {
+/// The next SIGINT or SIGTERM, waiting at most `timeout` (None: for ever). A SIGHUP meanwhile
+/// reloads (`reload`) and the wait goes on.
+fn next_signal(node: &Node, set: &libc::sigset_t, timeout: Option<Duration>) -> Option<i32> {
     let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let signal = next_blocked_signal(set, deadline)?;
+        if signal != libc::SIGHUP {
+            return Some(signal);
+        }
+        reload(node);
+    }
+}
+
+/// SIGHUP: what can change without a restart is read again.
+fn reload(node: &Node) {
+    let _ = node;
+    crate::log_warn!("SIGHUP received: nothing to reload");
+}
+
+/// The next of the blocked signals, waiting until `deadline` at most (None: for ever).
+fn next_blocked_signal(set: &libc::sigset_t, deadline: Option<Instant>) -> Option<i32> {
     loop {
         let signal = match deadline {
             None => {
