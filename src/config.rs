@@ -6,7 +6,7 @@ use std::fmt;
 
 /// The server's whole configuration, built once by `Config::load` at startup and shared
 /// read-only by every shard. Field names are the TOML keys; unknown keys are an error.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Listen address (WebSocket and HTTP API on one port).
@@ -67,6 +67,10 @@ pub struct Config {
     pub tls_cert: String,
     /// PEM file of the certificate's private key.
     pub tls_key: String,
+    /// The file this configuration was read from (None: defaults, environment and flags only);
+    /// a reload reads it again.
+    #[serde(skip)]
+    pub file: Option<String>,
 }
 
 /// What a node serves (`role`, `--role`).
@@ -109,7 +113,7 @@ impl Role {
 }
 
 /// The `[cluster]` table: the Redis server the nodes meet on and how they watch each other.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://[user:password@]host:port[/db]`.
@@ -141,7 +145,7 @@ impl Default for ClusterConfig {
 
 /// One app's credentials, switches and limits (an `[[apps]]` table). Each WebSocket connection
 /// and each HTTP API request is for one app, found by key or id.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AppConfig {
     /// Identifies the app in HTTP API paths (`/apps/{id}/...`).
@@ -203,7 +207,7 @@ pub struct AppConfig {
 }
 
 /// One webhook of an app: where to send which events.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
     /// `http://` or `https://` address the events are POSTed to.
@@ -248,7 +252,7 @@ impl WebhookEventType {
 }
 
 /// A webhook's channel-name filter; an empty part matches every name.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookFilter {
     /// The channel name starts with this.
@@ -258,7 +262,7 @@ pub struct WebhookFilter {
 }
 
 /// The `[webhooks]` table: how every app's webhooks are delivered.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhooksConfig {
     /// Threads sending requests (a request waits for its answer on one of them).
@@ -335,6 +339,7 @@ impl Default for Config {
             ready_memory_limit_mb: 0,
             tls_cert: String::new(),
             tls_key: String::new(),
+            file: None,
         }
     }
 }
@@ -829,6 +834,7 @@ impl Config {
             });
         }
         config.validate(cli.config_file.as_deref().unwrap_or("configuration"))?;
+        config.file = cli.config_file.clone();
         Ok(config)
     }
 

@@ -4,6 +4,7 @@
 //! - `protocol`: wire format (channel names, event envelopes, WebSocket frames), pure functions.
 //! - `auth`: HMAC signatures and constant-time comparison.
 //! - `config`: TOML + environment + command line.
+//! - `apps`: the live app table (stable slots, swapped by a reload).
 //! - `log`: operator messages that can never stall or stop a thread.
 //! - `metrics`: each shard's counters (one writer each), summed when scraped.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
@@ -21,6 +22,7 @@
 // met by another task's borrow.
 #![deny(clippy::await_holding_refcell_ref)]
 
+pub mod apps;
 pub mod auth;
 pub mod channels;
 pub mod cluster;

@@ -265,8 +265,7 @@ fn next_signal(node: &Node, set: &libc::sigset_t, timeout: Option<Duration>) -> 
 
 /// SIGHUP: what can change without a restart is read again.
 fn reload(node: &Node) {
-    let _ = node;
-    crate::log_warn!("SIGHUP received: nothing to reload");
+    crate::ops::reload::reload_apps(node);
 }
 
 /// The next of the blocked signals, waiting until `deadline` at most (None: for ever).

@@ -152,3 +152,102 @@ fn a_second_signal_during_the_drain_exits_at_once() {
         .expect("the second signal ends the process");
     assert_eq!(status.code(), Some(128 + libc::SIGINT));
 }
+
+/// An app table for a test configuration.
+fn app_toml(id: &str, key: &str, extra: &str) -> String {
+    format!("[[apps]]\nid = \"{id}\"\nkey = \"{key}\"\nsecret = \"{id}-secret\"\n{extra}\n")
+}
+
+/// Connects with an app's key; returns the client after `connection_established`, or the
+/// close code the upgrade was refused with.
+fn connect_app(server: &Server, key: &str) -> Result<Client, Option<u16>> {
+    let mut c = server.ws_path(&format!("/app/{key}?protocol=7"));
+    let first = c.recv();
+    match first["event"].as_str() {
+        Some("pusher:connection_established") => Ok(c),
+        _ => Err(c.expect_close()),
+    }
+}
+
+fn trigger_app(server: &Server, id: &str, key: &str, channel: &str) -> (u16, String) {
+    let path = format!("/apps/{id}/events");
+    let body = serde_json::json!({"name": "e", "channel": channel, "data": "d"}).to_string();
+    let secret = format!("{id}-secret");
+    let query = signed_query("POST", &path, &[], &body, key, &secret);
+    raw_http(server.port, "POST", &format!("{path}?{query}"), &body)
+}
+
+#[test]
+fn sighup_reloads_the_apps_and_keeps_them_when_the_file_is_broken() {
+    let top = "host = \"127.0.0.1\"\nport = 0\nshards = 2\n";
+    let before = format!(
+        "{top}{}{}{}",
+        app_toml("a", "ka", ""),
+        app_toml("b", "kb", ""),
+        app_toml("d", "kd", "")
+    );
+    let (mut server, stderr) = Server::spawn(&before, &[], std::process::Stdio::piped());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    let stderr = stderr.expect("piped stderr");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let mut a = connect_app(&server, "ka").unwrap();
+    a.subscribe("news");
+    let mut b = connect_app(&server, "kb").unwrap();
+    let mut d = connect_app(&server, "kd").unwrap();
+    assert_eq!(trigger_app(&server, "c", "kc", "news").0, 404);
+
+    // a: now limited to its one connection; b: removed; c: added; d: disabled.
+    let after = format!(
+        "{top}{}{}{}",
+        app_toml("a", "ka", "max_connections = 1"),
+        app_toml("c", "kc", ""),
+        app_toml("d", "kd", "enabled = false")
+    );
+    std::fs::write(server.config_path(), after).unwrap();
+    server.signal(libc::SIGHUP);
+    assert_eq!(b.expect_close(), Some(4003), "a removed app's connection");
+    assert_eq!(d.expect_close(), Some(4003), "a disabled app's connection");
+    assert_eq!(connect_app(&server, "kb").err(), Some(Some(4001)));
+    assert_eq!(connect_app(&server, "kd").err(), Some(Some(4003)));
+    assert_eq!(connect_app(&server, "ka").err(), Some(Some(4004)));
+    let mut c = connect_app(&server, "kc").expect("the added app takes connections");
+    c.subscribe("news");
+    assert_eq!(trigger_app(&server, "c", "kc", "news").0, 200);
+    assert_eq!(c.recv_event("e")["channel"], "news");
+    assert_eq!(trigger_app(&server, "a", "ka", "news").0, 200);
+    assert_eq!(
+        a.recv_event("e")["channel"],
+        "news",
+        "a's connection lives on"
+    );
+    assert_eq!(trigger_app(&server, "b", "kb", "news").0, 404);
+    eventually("the reload is logged by app id", || {
+        let log = log.lock().unwrap();
+        log.contains("removed [\"b\"]") && log.contains("added [\"c\"]")
+    });
+
+    // A broken file: refused with its error, and everything goes on as it was.
+    std::fs::write(server.config_path(), format!("{top}[[apps]]\nid = \"x\"\n")).unwrap();
+    server.signal(libc::SIGHUP);
+    eventually("the refusal names the file and the key", || {
+        let log = log.lock().unwrap();
+        log.contains("reload refused") && log.contains("apps[0].key")
+    });
+    assert_eq!(trigger_app(&server, "c", "kc", "news").0, 200);
+    assert_eq!(c.recv_event("e")["channel"], "news");
+    assert!(
+        !log.lock().unwrap().contains("-secret"),
+        "a secret was logged"
+    );
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+}

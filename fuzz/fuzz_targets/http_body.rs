@@ -47,7 +47,7 @@ fn parse_body(input: &[u8]) {
         None => return,
     };
     let node = node();
-    match parse_events(node, node.app(0), body, batch) {
+    match parse_events(node, &node.app(0), body, batch) {
         Ok(events) => {
             for event in &events {
                 for channel in &event.channels {

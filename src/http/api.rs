@@ -105,7 +105,8 @@ async fn route(shard: &Shard, head: &Head, body: &[u8]) -> Result<Reply, ApiErro
     let Some(app) = app else {
         return Err(fail(404, format!("Unknown app for {path}")));
     };
-    let config = node.app(app);
+    let config = node.apps.get_full(app);
+    let config = &*config;
     authenticate(config, &head.method, path, &params, body)?;
     if !config.enabled {
         return Err(fail(403, "Application disabled"));
@@ -732,7 +733,7 @@ mod tests {
         let node = node();
         let body =
             br#"{"batch":[{"name":"e","channel":"a","data":"1"},{"channel":"a","data":"2"}]}"#;
-        let error = parse_events(&node, node.app(0), body, true).err().unwrap();
+        let error = parse_events(&node, &node.app(0), body, true).err().unwrap();
         assert_eq!(error.status, 400);
         assert_eq!(error.message, "batch[1]: Missing event name");
         assert_eq!(

@@ -16,7 +16,11 @@ pub fn render(node: &Node) -> String {
     let mut out = Out(String::with_capacity(8 * 1024));
     let shards = &node.metrics;
     let sum = |f: &dyn Fn(&ShardMetrics) -> &Counter| shards.iter().map(|m| f(m).get()).sum();
-    let apps: Vec<&str> = node.config.apps.iter().map(|a| a.id.as_str()).collect();
+    let live = node.apps.live();
+    let apps: Vec<(usize, &str)> = live
+        .iter()
+        .map(|(s, a)| (*s as usize, a.id.as_str()))
+        .collect();
 
     out.family("shardpush_build_info", "gauge", "The running version.");
     let version = env!("CARGO_PKG_VERSION");
@@ -53,8 +57,8 @@ pub fn render(node: &Node) -> String {
         "gauge",
         "Open WebSocket connections, per app.",
     );
-    for (app, count) in apps.iter().zip(&node.app_connections) {
-        let count = count.load(Ordering::Relaxed) as u64;
+    for (slot, app) in &apps {
+        let count = node.app_connections[*slot].load(Ordering::Relaxed) as u64;
         out.sample("shardpush_connections", &[("app", app)], count);
     }
     out.counter(
@@ -94,10 +98,10 @@ pub fn render(node: &Node) -> String {
 
     let per_app = |name, help, f: &dyn Fn(&ShardMetrics) -> &[Gauge], out: &mut Out| {
         out.family(name, "gauge", help);
-        for (i, app) in apps.iter().enumerate() {
+        for (slot, app) in &apps {
             let n: i64 = shards
                 .iter()
-                .map(|m| f(m).get(i).map_or(0, Gauge::get))
+                .map(|m| f(m).get(*slot).map_or(0, Gauge::get))
                 .sum();
             out.sample(name, &[("app", app)], n.max(0) as u64);
         }

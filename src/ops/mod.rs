@@ -5,6 +5,7 @@
 //! accepting when a drain begins).
 
 pub mod exposition;
+pub mod reload;
 
 use crate::http::api::Reply;
 use crate::http::{parse_head, response, Parsed};

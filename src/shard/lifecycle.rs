@@ -55,8 +55,19 @@ impl Shard {
     /// connections are gone or the drain is over. Woken only by the signal thread and by the
     /// last disconnect, never by a timer.
     pub async fn lifecycle(&self) {
-        self.wait_for(|| self.node.shutdown.load(Ordering::Acquire))
+        let generation = || self.node.apps_generation.load(Ordering::Acquire);
+        let mut apps_seen = generation();
+        loop {
+            self.wait_for(|| {
+                self.node.shutdown.load(Ordering::Acquire) || generation() != apps_seen
+            })
             .await;
+            if self.node.shutdown.load(Ordering::Acquire) {
+                break;
+            }
+            apps_seen = generation();
+            self.close_connections_of_disabled_apps();
+        }
         let started = Instant::now();
         self.begin_drain();
         let grace = Duration::from_secs(self.node.config.shutdown_grace_period.into());
@@ -88,6 +99,17 @@ impl Shard {
         self.lifecycle.phase.set(Phase::Draining);
         let waiters = std::mem::take(&mut *self.lifecycle.drain_waiters.borrow_mut());
         waiters.into_iter().for_each(Waker::wake);
+    }
+
+    /// After a reload: the connections of apps now disabled or removed are closed with 4003.
+    fn close_connections_of_disabled_apps(&self) {
+        let now = Some(self.now_secs());
+        for conn in self.conns.borrow().values() {
+            if !self.node.app(conn.app).enabled {
+                let reason = "Application disabled";
+                conn.close_with_error(crate::protocol::codes::APP_DISABLED, reason, now);
+            }
+        }
     }
 
     /// Closes these connections with 4200 (those already closing are left as they are).

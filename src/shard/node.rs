@@ -2,7 +2,8 @@
 //! hooks other threads use to reach a shard. A shard never writes anything here that another
 //! shard writes too, except the relaxed counters.
 
-use crate::config::{AppConfig, Config};
+use crate::apps::{AppRef, AppTable};
+use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -10,16 +11,22 @@ use std::task::Waker;
 use std::time::{Instant, SystemTime};
 
 /// This server process: one per process, created at startup, shared (`Arc`) by every shard, the
-/// signal thread and the panic hook. Read-mostly: the configuration never changes; counters
-/// are atomics.
+/// signal thread and the panic hook. Read-mostly: the configuration never changes but for the
+/// apps, which a reload replaces in `apps`; counters are atomics.
 pub struct Node {
-    /// The configuration the process started with.
+    /// The configuration the process started with (its `apps` as at start: the live ones are
+    /// in `apps`).
     pub config: Config,
+    /// The apps served now, by slot (see `crate::apps`).
+    pub apps: AppTable,
+    /// Bumped by each reload that changed the apps, after `apps` changed: each shard then closes
+    /// the connections of apps now disabled or removed.
+    pub apps_generation: AtomicU64,
     /// Number of shards (executors) in the process.
     pub shards: usize,
     /// First part of every socket id (random per process, so ids differ across restarts/nodes).
     pub socket_prefix: u32,
-    /// Open WebSocket connections per app (index: the app's position in `config.apps`).
+    /// Open WebSocket connections per app (index: the app's slot).
     pub app_connections: Vec<AtomicU32>,
     /// In a cluster, the connections of each app on the other nodes, as of the last heartbeat
     /// (only apps with a `max_connections`; shard 0 writes them).
@@ -90,9 +97,12 @@ struct ShardCounter(AtomicUsize);
 impl Node {
     /// The process state for `config`, run on `shards` shards.
     pub fn new(config: Config, shards: usize) -> Node {
-        let apps = config.apps.len();
+        let app_table = AppTable::new(&config.apps);
+        let apps = app_table.capacity();
         Node {
             config,
+            apps: app_table,
+            apps_generation: AtomicU64::new(0),
             shards,
             socket_prefix: random_u32() % 1_000_000_000,
             app_connections: (0..apps).map(|_| AtomicU32::new(0)).collect(),
@@ -162,27 +172,20 @@ impl Node {
         }
     }
 
-    /// The app at `index` (an index this process handed out, from `app_by_key`/`app_by_id`).
-    pub fn app(&self, index: u32) -> &AppConfig {
-        &self.config.apps[index as usize]
+    /// The app in slot `index` (a slot this process handed out, from `app_by_key`/`app_by_id`),
+    /// with its settings of the moment (a removed app reads as disabled).
+    pub fn app(&self, index: u32) -> AppRef {
+        self.apps.get(index)
     }
 
     /// The app whose key clients connect with.
     pub fn app_by_key(&self, key: &str) -> Option<u32> {
-        self.config
-            .apps
-            .iter()
-            .position(|a| a.key == key)
-            .map(|i| i as u32)
+        self.apps.by_key(key)
     }
 
     /// The app whose id the HTTP API names in its paths.
     pub fn app_by_id(&self, id: &str) -> Option<u32> {
-        self.config
-            .apps
-            .iter()
-            .position(|a| a.id == id)
-            .map(|i| i as u32)
+        self.apps.by_id(id)
     }
 
     /// The Pusher socket id of a connection of this process: `{prefix}.{connection id}`.

@@ -89,7 +89,8 @@ impl Shard {
         let stats = stats.ok_or(ClusterUnavailable)?;
         let cached = match with_cache {
             true => {
-                let app_id = &self.node.app(key.app).id;
+                let app = self.node.apps.get_full(key.app);
+                let app_id = &app.id;
                 let ask = cluster.state.cached(&topic, (app_id, &key.name), 0);
                 let reply = cluster.link.ask(&ask).await;
                 let cached = reply.as_ref().and_then(state::cached_of);
@@ -139,7 +140,8 @@ impl Shard {
     ) -> Result<Vec<(String, ChannelStats)>, ClusterUnavailable> {
         let mut all = Vec::new();
         if let Some(cluster) = &self.cluster {
-            let app_id = &self.node.app(app).id;
+            let app = self.node.apps.get_full(app);
+            let app_id = &app.id;
             let reply = cluster
                 .link
                 .ask(&cluster.state.channels(app_id, prefix))

@@ -132,9 +132,10 @@ impl Shard {
             return;
         };
         let config = &self.node.config;
-        let apps = config.apps.iter().enumerate().map(|(i, app)| {
+        let live = self.node.apps.live();
+        let apps = live.iter().map(|(slot, app)| {
             let webhooks = self.node.webhooks.as_ref();
-            let bits = webhooks.map_or(0, |w| w.queued(i as u32));
+            let bits = webhooks.map_or(0, |w| w.queued(*slot));
             let stream = if app.event_stream {
                 app.event_stream_length
             } else {

@@ -313,18 +313,18 @@ impl Shard {
     }
 
     /// This node's heartbeat, with its connection count of each app that has a limit.
+    /// The apps it names are remembered for its answer, which gives their counts in the same
+    /// order (a reload may change the apps in between).
     fn heartbeat(&self, cluster: &Cluster) -> redis::Cmd {
-        let counts = self.capped_apps().map(|(i, app)| {
-            let count = self.node.app_connections[i].load(Ordering::Relaxed);
+        let mut capped = self.node.apps.live();
+        capped.retain(|(_, app)| app.max_connections > 0);
+        let counts = capped.iter().map(|(slot, app)| {
+            let count = self.node.app_connections[*slot as usize].load(Ordering::Relaxed);
             (app.id.as_str(), count)
         });
-        cluster.state.heartbeat(self.node_life_ms(), counts)
-    }
-
-    /// The apps with a `max_connections`, with their indexes.
-    fn capped_apps(&self) -> impl Iterator<Item = (usize, &crate::config::AppConfig)> {
-        let apps = self.node.config.apps.iter().enumerate();
-        apps.filter(|(_, app)| app.max_connections > 0)
+        let cmd = cluster.state.heartbeat(self.node_life_ms(), counts);
+        *self.heartbeat_apps.borrow_mut() = capped.into_iter().map(|(slot, _)| slot).collect();
+        cmd
     }
 
     fn heartbeat_interval(&self) -> Duration {
@@ -436,9 +436,9 @@ impl Shard {
         let Some((registered, elsewhere)) = state::heartbeat_of(value) else {
             return;
         };
-        let apps = self.capped_apps().map(|(i, _)| i);
-        for (app, count) in apps.zip(elsewhere) {
-            let others = &self.node.app_connections_elsewhere[app];
+        let apps = std::mem::take(&mut *self.heartbeat_apps.borrow_mut());
+        for (app, count) in apps.into_iter().zip(elsewhere) {
+            let others = &self.node.app_connections_elsewhere[app as usize];
             others.store(count, Ordering::Relaxed);
         }
         let known_before = self.heartbeat_answered.replace(true);

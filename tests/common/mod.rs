@@ -95,6 +95,11 @@ impl Server {
         (server, stderr)
     }
 
+    /// The configuration file the server was started with (a test may rewrite it and SIGHUP).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.0.join("config.toml")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
