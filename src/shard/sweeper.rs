@@ -29,6 +29,8 @@ impl Shard {
         }
         let cfg = &self.node.config;
         let ping = Rc::<[u8]>::from(ws::encode_frame(ws::OP_PING, b""));
+        // The authorization rule of the app looked up last (connections of one app are many).
+        let mut rule: Option<(u32, bool, u32)> = None;
         for conn in self.conns.borrow().values() {
             match conn.state() {
                 ConnState::Open => {}
@@ -49,11 +51,16 @@ impl Shard {
             }
             let now_some = Some(now);
             if !conn.authorized.get() {
-                let app = self.node.app(conn.app);
-                let timeout = app.authorization_timeout;
-                if app.enable_authorized_connections
-                    && now.saturating_sub(conn.connected_at) >= timeout
-                {
+                let (enforced, timeout) = match rule {
+                    Some((app, enforced, timeout)) if app == conn.app => (enforced, timeout),
+                    _ => {
+                        let app = self.node.app(conn.app);
+                        let found = (app.enable_authorized_connections, app.authorization_timeout);
+                        rule = Some((conn.app, found.0, found.1));
+                        found
+                    }
+                };
+                if enforced && now.saturating_sub(conn.connected_at) >= timeout {
                     let reason = format!("Connection not authorized within {timeout} seconds");
                     conn.close_with_error(codes::AUTHORIZATION_TIMEOUT, &reason, now_some);
                     continue;
