@@ -67,6 +67,9 @@ pub struct Config {
     pub tls_cert: String,
     /// PEM file of the certificate's private key.
     pub tls_key: String,
+    /// Serve the debug console at `/console` (signed in the browser with an app's key and
+    /// secret).
+    pub console: bool,
     /// The file this configuration was read from (None: defaults, environment and flags only);
     /// a reload reads it again.
     #[serde(skip)]
@@ -339,6 +342,7 @@ impl Default for Config {
             ready_memory_limit_mb: 0,
             tls_cert: String::new(),
             tls_key: String::new(),
+            console: false,
             file: None,
         }
     }

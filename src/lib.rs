@@ -7,6 +7,7 @@
 //! - `apps`: the live app table (stable slots, swapped by a reload).
 //! - `log`: operator messages that can never stall or stop a thread.
 //! - `metrics`: each shard's counters (one writer each), summed when scraped.
+//! - `feed`: the debug console's log of the events of the apps being watched.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
 //! - `cluster`: several nodes through Redis: each shard's Redis link and the message format.
 //! - `webhooks`: events for the apps' HTTP receivers, sent from threads of their own (in a
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod channels;
 pub mod cluster;
 pub mod config;
+pub mod feed;
 pub mod http;
 pub mod log;
 pub mod metrics;

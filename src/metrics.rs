@@ -98,6 +98,8 @@ pub enum Route {
     Deprecated,
     /// `/`, `/up`, `/health`, `/ready`.
     Health,
+    /// The debug console's page and feed (`/console...`).
+    Console,
     /// A WebSocket upgrade refused before the connection was admitted (a bad handshake).
     WebSocketUpgrade,
     /// Anything else (unknown paths, unreadable requests).
@@ -106,7 +108,7 @@ pub enum Route {
 
 impl Route {
     /// Every route, in slot order.
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Route::Events,
         Route::BatchEvents,
         Route::Channels,
@@ -115,6 +117,7 @@ impl Route {
         Route::TerminateConnections,
         Route::Deprecated,
         Route::Health,
+        Route::Console,
         Route::WebSocketUpgrade,
         Route::Other,
     ];
@@ -130,6 +133,7 @@ impl Route {
             Route::TerminateConnections => "terminate_connections",
             Route::Deprecated => "deprecated",
             Route::Health => "health",
+            Route::Console => "console",
             Route::WebSocketUpgrade => "websocket_upgrade",
             Route::Other => "other",
         }
@@ -140,6 +144,7 @@ impl Route {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (method, segments.as_slice()) {
             (_, [""] | ["up"] | ["health"] | ["ready"]) => Route::Health,
+            (_, ["console", ..]) => Route::Console,
             ("POST", ["apps", _, "events"]) => Route::Events,
             ("POST", ["apps", _, "batch_events"]) => Route::BatchEvents,
             ("GET", ["apps", _, "channels"]) => Route::Channels,

@@ -106,7 +106,7 @@ pub fn run(config: Config) -> io::Result<()> {
     let signals = block_shutdown_signals()?;
     let mut node = Node::new(config, shards);
     let ops_listener = crate::ops::bind(&node)?;
-    node.webhooks = Webhooks::start(&node.config, node.socket_prefix)?;
+    node.webhooks = Webhooks::start(&node.config, node.socket_prefix, node.console.clone())?;
     let node = Arc::new(node);
     let ops_addr = match ops_listener {
         Some(listener) => Some(crate::ops::serve(listener, node.clone())?),

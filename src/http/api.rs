@@ -6,6 +6,7 @@ use super::signature::{self, get, parse_query, percent_decode, Query as Params};
 use super::{ApiError, Head};
 use crate::channels::ChannelKey;
 use crate::config::AppConfig;
+use crate::feed::Note;
 use crate::protocol::channel::{is_cache_channel, validate_name, ChannelKind};
 use crate::protocol::events::{self, Data};
 use crate::protocol::json::{self, check_depth, str_literal, MAX_JSON_DEPTH};
@@ -73,11 +74,19 @@ pub async fn handle(shard: &Shard, head: &Head, body: &[u8]) -> Reply {
 
 async fn route(shard: &Shard, head: &Head, body: &[u8]) -> Result<Reply, ApiError> {
     let (path, raw_query) = head.path_and_query();
-    if let Some(reply) = crate::ops::health(shard.node(), path) {
+    let node = shard.node();
+    if let Some(reply) = crate::ops::health(node, path) {
         return Ok(reply);
     }
+    if path.starts_with("/console") && !head.is_websocket_upgrade() {
+        let params = parse_query(raw_query);
+        let check =
+            |app: u32, path: &str| authenticate(&node.app(app), &head.method, path, &params, body);
+        if let Some(reply) = crate::ops::console::serve(node, &head.method, path, &params, check) {
+            return reply;
+        }
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let node = shard.node();
     if head.is_websocket_upgrade() {
         let message = match node.config.role.serves_websocket() {
             true => "This port serves the HTTP API only: connect WebSocket clients to the main port",
@@ -358,6 +367,13 @@ async fn publish(shard: &Shard, app: u32, events: &[Event]) -> Result<(), ApiErr
     if refused == 0 {
         let published = &crate::metrics::here().events_published;
         published.add(events.len() as u64);
+        for event in events {
+            for channel in &event.channels {
+                shard.node().console_note(app, || {
+                    Note::new("api_message", channel).event(&event.name, &event.data)
+                });
+            }
+        }
     }
     if refused == 0 && shard.node().app(app).event_stream {
         for event in events {

@@ -4,6 +4,7 @@
 //! its own so that it still answers while the shards are busy or draining (the main port stops
 //! accepting when a drain begins).
 
+pub mod console;
 pub mod exposition;
 pub mod reload;
 

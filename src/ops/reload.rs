@@ -99,7 +99,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         shutdown_grace_period,
         ready_memory_limit_mb,
         tls_cert,
-        tls_key
+        tls_key,
+        console
     );
     // Without the node id, which is generated anew at each load when none is configured.
     let cluster = |c: &Config| {

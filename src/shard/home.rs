@@ -12,6 +12,7 @@ use crate::channels::home::{HomeChannel, HomeChannels, Joined};
 use crate::channels::watch::WatchCounts;
 use crate::channels::ChannelKey;
 use crate::config::WebhookEventType;
+use crate::feed::Note;
 use crate::protocol::channel::{is_cache_channel, ChannelKind};
 use crate::protocol::events::{self, PresenceMember};
 use crate::webhooks::Event;
@@ -228,6 +229,9 @@ impl Shard {
         }
         self.route(origin, reply);
         if let Some((m, conn, _)) = member_added {
+            self.node.console_note(key.app, || {
+                Note::new("member_added", &key.name).user(&m.user_id)
+            });
             self.webhook(&key, WebhookEventType::MemberAdded, || Event::MemberAdded {
                 channel: key.name.to_string(),
                 user_id: m.user_id.clone(),
@@ -293,6 +297,9 @@ impl Shard {
                 channel.is_none_or(|c| c.roster.is_none() || c.remove_from_view(&user_id))
             };
             if gone {
+                self.node.console_note(key.app, || {
+                    Note::new("member_removed", &key.name).user(&user_id)
+                });
                 self.webhook(&key, WebhookEventType::MemberRemoved, || {
                     Event::MemberRemoved {
                         channel: key.name.to_string(),

@@ -36,6 +36,7 @@ pub use node::{Node, NotReady};
 
 use crate::channels::ChannelKey;
 use crate::config::WebhookEventType;
+use crate::feed::Note;
 use crate::webhooks::Event;
 use ahash::AHashMap;
 use conn::Conn;
@@ -332,7 +333,20 @@ impl Shard {
         node.app_connections[conn.app as usize].fetch_sub(1, Ordering::Relaxed);
         let closed = &crate::metrics::here().connections_closed;
         closed[crate::metrics::close_slot(conn.close_code())].inc();
+        node.console_note(conn.app, || {
+            let note = Note::new("disconnected", "").socket(node.socket_id(conn.id));
+            note.event(&format!("close code {}", conn.close_code()), "")
+        });
         self.on_disconnect();
+    }
+
+    /// Notes a (un)subscription for the debug console (a user's sign-in channel is none).
+    fn console_note_subscription(&self, kind: &'static str, key: &ChannelKey, conn: &Conn) {
+        if !key.name.starts_with('#') {
+            let socket_id = || self.node.socket_id(conn.id);
+            self.node
+                .console_note(key.app, || Note::new(kind, &key.name).socket(socket_id()));
+        }
     }
 
     fn conn(&self, id: u64) -> Option<Rc<Conn>> {
@@ -466,6 +480,7 @@ impl Shard {
     pub fn unsubscribe_confirmed(&self, key: ChannelKey, conn: &Conn, user_id: Option<String>) {
         self.fanout.remove(&key, conn);
         count_subscription(&key, -1);
+        self.console_note_subscription("unsubscribed", &key, conn);
         self.leave(key, user_id);
     }
 
@@ -525,6 +540,7 @@ impl Shard {
                     conn.send(Rc::from(&event[..]), max);
                 }
                 count_subscription(&key, 1);
+                self.console_note_subscription("subscribed", &key, &conn);
                 self.fanout.add(key, conn);
             }
             (Some(i), false) => {

@@ -4,8 +4,10 @@
 
 use crate::apps::{AppRef, AppTable};
 use crate::config::Config;
+use crate::feed::{Console, Note};
 use crate::metrics::ShardMetrics;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::Waker;
 use std::time::{Instant, SystemTime};
@@ -65,6 +67,8 @@ pub struct Node {
     pub started: AtomicBool,
     /// When the process started, for the metrics.
     pub started_at: SystemTime,
+    /// The debug console's log (None: `console` is off).
+    pub console: Option<Arc<Console>>,
 }
 
 /// Why the process is not ready for new clients (`/ready` answers 503 with it).
@@ -98,6 +102,7 @@ impl Node {
     /// The process state for `config`, run on `shards` shards.
     pub fn new(config: Config, shards: usize) -> Node {
         let app_table = AppTable::new(&config.apps);
+        let config_console = config.console;
         let apps = app_table.capacity();
         Node {
             config,
@@ -124,6 +129,16 @@ impl Node {
                 .collect(),
             started: AtomicBool::new(false),
             started_at: SystemTime::now(),
+            console: config_console.then(|| Arc::new(Console::new(apps))),
+        }
+    }
+
+    /// Notes an event of app `app` for the debug console, if the console is on and someone
+    /// watches the app (`make` runs only then).
+    #[inline]
+    pub fn console_note(&self, app: u32, make: impl FnOnce() -> Note) {
+        if let Some(console) = &self.console {
+            console.note(app, make);
         }
     }
 

@@ -9,6 +9,7 @@ use super::sender::Outcome;
 use super::{AppHooks, EventQueue, Request, Stats};
 use crate::auth::hmac_sha256_hex;
 use crate::config::WebhooksConfig;
+use crate::feed::{Console, Note};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,6 +98,8 @@ pub struct Hub {
     finish_told: bool,
     /// In a cluster: the queue in Redis.
     durable: Option<DurableLink>,
+    /// The debug console's log, told of each attempt (None: the console is off).
+    console: Option<Arc<Console>>,
 }
 
 /// The hub's side of the Redis queue (a cluster).
@@ -155,6 +158,7 @@ impl Hub {
         id_prefix: u32,
         workers: Sender<Request>,
         durable: Option<DurableLink>,
+        console: Option<Arc<Console>>,
     ) -> Hub {
         let app_count = apps.len();
         let batches = apps
@@ -183,6 +187,7 @@ impl Hub {
             finishing: false,
             finish_told: false,
             durable,
+            console,
         }
     }
 
@@ -467,6 +472,16 @@ impl Hub {
         request.attempts += 1;
         let events = request.events as u64;
         let url = &self.apps[app].hooks[request.hook].shown;
+        if let Some(console) = &self.console {
+            let what = match &outcome {
+                Outcome::Delivered => format!("delivered to {url}"),
+                Outcome::Retry(reason) => format!("failed at {url} ({reason})"),
+                Outcome::Refused(reason) => format!("refused by {url} ({reason})"),
+            };
+            console.note(request.app, || {
+                Note::new("webhook", "").event(&what, &String::from_utf8_lossy(&request.body))
+            });
+        }
         let health = &mut self.health[app][request.hook];
         let give_up = match outcome {
             Outcome::Delivered => {

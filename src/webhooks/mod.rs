@@ -171,7 +171,11 @@ impl Webhooks {
     /// Starts the hub and its workers (and in a cluster, the thread of the queue in Redis);
     /// None when no app has a webhook or an event stream. `instance` is this process's number
     /// (the socket id prefix, also the cluster's instance).
-    pub fn start(config: &Config, instance: u32) -> io::Result<Option<Webhooks>> {
+    pub fn start(
+        config: &Config,
+        instance: u32,
+        console: Option<Arc<crate::feed::Console>>,
+    ) -> io::Result<Option<Webhooks>> {
         let streams = |a: &AppConfig| a.event_stream && config.cluster.is_some();
         if config
             .apps
@@ -231,6 +235,7 @@ impl Webhooks {
             instance,
             jobs,
             durable,
+            console,
         );
         std::thread::Builder::new()
             .name("webhooks".into())

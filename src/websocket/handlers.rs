@@ -4,6 +4,7 @@
 
 use crate::channels::ChannelKey;
 use crate::config::WebhookEventType;
+use crate::feed::Note;
 use crate::protocol::channel::{validate_name, ChannelKind, SERVER_TO_USER_PREFIX};
 use crate::protocol::events::{
     self, ClientMessage, Data, PresenceMember, SigninData, SubscribeData, UnsubscribeData,
@@ -365,6 +366,11 @@ fn client_event(
     );
     let key = ChannelKey::new(conn.app, channel);
     crate::metrics::here().client_events.inc();
+    shard.node().console_note(conn.app, || {
+        let note = Note::new("client_event", channel).event(event, &literal);
+        let note = note.socket(shard.node().socket_id(conn.id));
+        note.user(user_id.as_deref().unwrap_or(""))
+    });
     shard.webhook(&key, WebhookEventType::ClientEvent, || Event::ClientEvent {
         channel: channel.to_string(),
         event: event.to_string(),

@@ -5,6 +5,7 @@
 mod handlers;
 mod signin;
 
+use crate::feed::Note;
 use crate::http::{error_response, signature::parse_query, Head};
 use crate::metrics::Route;
 use crate::protocol::codes;
@@ -137,6 +138,9 @@ fn open(shard: &Shard, stream: &TcpStream, app: u32) -> Rc<Conn> {
     conn.fd.set(stream.as_raw_fd());
     shard.add_conn(conn.clone());
     crate::metrics::here().connections_opened.inc();
+    node.console_note(app, || {
+        Note::new("connected", "").socket(node.socket_id(id))
+    });
     let hello = events::connection_established(&node.socket_id(id), node.config.activity_timeout);
     conn.send_vec(hello, usize::MAX);
     conn
