@@ -4,7 +4,7 @@
 //! - `protocol`: wire format (channel names, event envelopes, WebSocket frames), pure functions.
 //! - `auth`: HMAC signatures and constant-time comparison.
 //! - `config`: TOML + environment + command line.
-//! - `log`: operator messages that can never stall or stop a thread.
+//! - `log`: operator messages (`tracing` events) that can never stall or stop a thread.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
 //! - `cluster`: several nodes through Redis: each shard's Redis link and the message format.
 //! - `webhooks`: events for the apps' HTTP receivers, sent from threads of their own (in a
@@ -13,6 +13,7 @@
 //!   side of channels, liveness, shutdown.
 //! - `http` and `websocket`: the sessions, one per kind of socket; they drive the runtime.
 //! - `server`: startup, executors, listeners, signals.
+//! - `cli`: the command line: serve, check-config, trigger.
 
 #![warn(missing_docs)]
 // A shard's state lives in `RefCell`s shared by its tasks: a borrow held across an `.await` could be
@@ -21,6 +22,7 @@
 
 pub mod auth;
 pub mod channels;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod http;
