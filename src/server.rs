@@ -142,7 +142,7 @@ pub fn run(config: Config) -> io::Result<()> {
     crate::log_info!("shardpush shards: {shards} (one glommio executor per core, SO_REUSEPORT)");
     crate::log_info!("shardpush apps: {}", app_list.join(", "));
     if dev_only {
-        crate::log_info!("shardpush: no app configured, serving the development app app-id / app-key / app-secret (do not use in production)");
+        crate::log_warn!("shardpush: no app configured, serving the development app app-id / app-key / app-secret (do not use in production)");
     }
     for handle in handles {
         let _ = handle.join();
@@ -201,7 +201,7 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     node.shutdown.store(true, Ordering::Release);
     node.wake_shards();
     let code = crate::protocol::codes::SHUTTING_DOWN;
-    crate::log_warn!("signal {first} received, closing connections ({code}) and stopping");
+    crate::log_info!("signal {first} received, closing connections ({code}) and stopping");
     if let Some(second) = next_signal(&set, Some(drain)) {
         exit_now(second);
     }
@@ -212,7 +212,7 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     match next_signal(&set, Some(Duration::from_secs(10))) {
         Some(second) => exit_now(second),
         None => {
-            crate::log_warn!("shutdown did not finish 10 s after the drain; exiting");
+            crate::log_error!("shutdown did not finish 10 s after the drain; exiting");
             crate::log::flush_briefly(Duration::from_millis(200));
             std::process::exit(1);
         }
