@@ -343,3 +343,39 @@ fn trigger_without_a_server_exits_1() {
         "{stderr}"
     );
 }
+
+/// A stderr nobody reads fills; the warnings beyond the pipe and the queue are dropped (the
+/// server goes on serving), and once stderr is read again the count is logged.
+#[test]
+fn a_stalled_stderr_drops_lines_and_then_says_how_many() {
+    let (server, stderr) = Server::spawn(
+        &config_toml("", "", ""),
+        &[("SHARDPUSH_FAULT_INJECTION", "1")],
+        Stdio::piped(),
+    );
+    let stderr = stderr.expect("piped stderr");
+    // Each contained panic logs two warnings of about 150 bytes: 1000 of them are more than a
+    // 64 KiB pipe and the 1024 lines of the queue hold.
+    for _ in 0..1000 {
+        let mut c = server.connect();
+        c.send_json(serde_json::json!({"event": "shardpush:test_panic", "data": {}}));
+        let _ = c.try_recv(Duration::from_secs(5));
+    }
+    let mut c = server.connect();
+    c.subscribe("still-serving");
+    assert_eq!(server.trigger("still-serving", "e", "d").0, 200);
+    assert_eq!(c.recv_event("e")["data"], "d");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("log lines dropped") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the dropped lines are counted and logged");
+    assert!(line.contains("stderr was not being read"), "{line}");
+    assert!(line.contains(" WARN "), "{line}");
+}
