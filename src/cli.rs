@@ -329,7 +329,10 @@ pub fn load(args: &ServerArgs, env: Env<'_>) -> Result<(Config, LogSettings), Co
 /// `check-config`: the one-line summary of a valid configuration, or its first error.
 pub fn check_config(args: &ServerArgs, env: Env<'_>) -> Result<String, ConfigError> {
     let (config, _) = load(args, env)?;
-    let source = args.config.config_file.as_deref().unwrap_or("defaults");
+    let source = match &args.config.config_file {
+        Some(file) => format!("file {file}"),
+        None => "no file".into(),
+    };
     let apps = match config.apps.len() {
         1 if config.is_dev_app_only() => "1 app (the development app)".to_owned(),
         1 => "1 app".to_owned(),
@@ -345,7 +348,7 @@ pub fn check_config(args: &ServerArgs, env: Env<'_>) -> Result<String, ConfigErr
         crate::config::Role::Api => "api",
     };
     Ok(format!(
-        "{source}: configuration OK: {apps}, port {}, role {role}, cluster {cluster}",
+        "configuration OK ({source}): {apps}, port {}, role {role}, cluster {cluster}",
         config.port
     ))
 }
