@@ -629,111 +629,38 @@ fn err(source: &str, key: &str, reason: impl Into<String>) -> ConfigError {
 /// Public knowledge, so startup warns when it is the only app.
 pub const DEV_APP: (&str, &str, &str) = ("app-id", "app-key", "app-secret");
 
-/// What the command line asked for.
-#[derive(Debug, Default)]
+/// The server's options on the command line (of `shardpush`, `shardpush serve` and
+/// `shardpush check-config`; see `cli`). Each overrides its TOML key and environment variable,
+/// which `Config::load` reads; the doc comments are the `--help` text.
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct Cli {
-    /// `-c`/`--config`: the TOML file to read.
+    /// TOML configuration file (README.md lists every key)
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config_file: Option<String>,
-    /// `--host`: overrides the file and `SHARDPUSH_HOST`.
+    /// Listen address [env: SHARDPUSH_HOST] [default: 0.0.0.0]
+    #[arg(long, value_name = "ADDR")]
     pub host: Option<String>,
-    /// `-p`/`--port`: overrides the file and `SHARDPUSH_PORT`.
+    /// Port for WebSocket and HTTP API; 0 = any free port [env: SHARDPUSH_PORT] [default: 6001]
+    #[arg(short = 'p', long, value_name = "PORT")]
     pub port: Option<u16>,
-    /// `--api-port`: a second port serving only the HTTP API.
+    /// Also serve the HTTP API alone on this port
+    #[arg(long, value_name = "PORT")]
     pub api_port: Option<u16>,
-    /// `--shards`: overrides the file and `SHARDPUSH_SHARDS`.
+    /// Executor threads, one per core [env: SHARDPUSH_SHARDS] [default: available CPUs]
+    #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
-    /// `--redis-url`: run as a cluster node (overrides `[cluster] redis_url`).
+    /// Run as one node of a cluster through Redis, e.g. redis://127.0.0.1:6379
+    /// [env: SHARDPUSH_REDIS_URL]
+    #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
-    /// `--role`: what the node serves (overrides `role` and `SHARDPUSH_ROLE`).
+    /// all, websocket (clients only) or api (HTTP API only); the last two need a cluster
+    /// [env: SHARDPUSH_ROLE] [default: all]
+    #[arg(long, value_name = "ROLE")]
     pub role: Option<String>,
-    /// `--metrics-port`: serve metrics and health there (overrides `metrics_port` and
-    /// `SHARDPUSH_METRICS_PORT`).
+    /// Serve Prometheus /metrics, /up and /ready on this port (on metrics_host, default
+    /// 127.0.0.1) [env: SHARDPUSH_METRICS_PORT]
+    #[arg(long, value_name = "PORT")]
     pub metrics_port: Option<u16>,
-
-    /// `-h`/`--help`: print `HELP` and exit.
-    pub help: bool,
-    /// `-V`/`--version`: print the version and exit.
-    pub version: bool,
-}
-
-/// The `--help` text, printed by `main`.
-pub const HELP: &str = "\
-shardpush: a Pusher Channels protocol server (WebSocket protocol 7 + HTTP API), thread-per-core.
-
-USAGE:
-    shardpush [OPTIONS]
-
-OPTIONS:
-    -c, --config <FILE>    TOML configuration file (see README.md for every key)
-        --host <ADDR>      Listen address [env SHARDPUSH_HOST; default 0.0.0.0]
-    -p, --port <PORT>      Port for WebSocket and HTTP API [env SHARDPUSH_PORT; default 6001; 0 = any free port]
-        --api-port <PORT>  Also serve the HTTP API alone on this port
-        --shards <N>       Executor threads, one per core [env SHARDPUSH_SHARDS; default: available CPUs]
-        --redis-url <URL>  Run as one node of a cluster through Redis, e.g. redis://127.0.0.1:6379
-                           [env SHARDPUSH_REDIS_URL; see [cluster] in README.md]
-        --role <ROLE>      all, websocket (clients only) or api (HTTP API only); the last two
-                           need a cluster [env SHARDPUSH_ROLE; default all]
-        --metrics-port <PORT>
-                           Serve Prometheus /metrics, /up and /ready on this port (on
-                           metrics_host, default 127.0.0.1) [env SHARDPUSH_METRICS_PORT]
-    -h, --help             Print this help
-    -V, --version          Print the version
-
-ENVIRONMENT:
-    SHARDPUSH_APP_ID, SHARDPUSH_APP_KEY, SHARDPUSH_APP_SECRET
-                           Add (or replace, by id) one app. With no app configured at all,
-                           the development app app-id / app-key / app-secret is served.
-";
-
-impl Cli {
-    /// Parses the arguments (without the program name); `--flag=value` and `--flag value` both
-    /// work. Unknown options and bad numbers are errors; nothing is validated further here.
-    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError> {
-        let mut cli = Cli::default();
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = |name: &str| {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| err("command line", name, "needs a value"))
-            };
-            match flag.as_str() {
-                "-h" | "--help" => cli.help = true,
-                "-V" | "--version" => cli.version = true,
-                "-c" | "--config" => cli.config_file = Some(value("--config")?),
-                "--host" => cli.host = Some(value("--host")?),
-                "-p" | "--port" => {
-                    cli.port = Some(parse_num("command line", "--port", &value("--port")?)?)
-                }
-                "--api-port" => {
-                    cli.api_port = Some(parse_num(
-                        "command line",
-                        "--api-port",
-                        &value("--api-port")?,
-                    )?)
-                }
-                "--redis-url" => cli.redis_url = Some(value("--redis-url")?),
-                "--role" => cli.role = Some(value("--role")?),
-                "--metrics-port" => {
-                    cli.metrics_port = Some(parse_num(
-                        "command line",
-                        "--metrics-port",
-                        &value("--metrics-port")?,
-                    )?)
-                }
-                "--shards" => {
-                    cli.shards = Some(parse_num("command line", "--shards", &value("--shards")?)?)
-                }
-                other => return Err(err("command line", other, "unknown option (see --help)")),
-            }
-        }
-        Ok(cli)
-    }
 }
 
 fn parse_num<T: std::str::FromStr>(source: &str, key: &str, v: &str) -> Result<T, ConfigError> {
@@ -1037,8 +964,21 @@ mod tests {
         None
     }
 
+    /// The server options of a command line (clap, as `shardpush` parses them).
+    #[derive(clap::Parser)]
+    struct Line {
+        #[command(flatten)]
+        cli: Cli,
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        use clap::Parser;
+        Line::try_parse_from(std::iter::once("shardpush").chain(args.iter().copied()))
+            .map(|l| l.cli)
+    }
+
     fn cli(args: &[&str]) -> Cli {
-        Cli::parse(args.iter().map(|a| a.to_string())).unwrap()
+        parse(args).unwrap()
     }
 
     #[test]
@@ -1180,12 +1120,21 @@ mod tests {
 
     #[test]
     fn cli_flags() {
-        let args = ["--port", "0", "--shards=2", "-c", "f.toml"].map(String::from);
-        let cli = Cli::parse(args).unwrap();
+        let cli = cli(&[
+            "--port",
+            "0",
+            "--shards=2",
+            "-c",
+            "f.toml",
+            "--metrics-port=9",
+        ]);
         assert_eq!(cli.port, Some(0));
         assert_eq!(cli.shards, Some(2));
+        assert_eq!(cli.metrics_port, Some(9));
         assert_eq!(cli.config_file.as_deref(), Some("f.toml"));
-        assert!(Cli::parse(["--nope".to_owned()]).is_err());
-        assert!(Cli::parse(["--port".to_owned()]).is_err());
+        assert!(parse(&["--nope"]).is_err());
+        assert!(parse(&["--port"]).is_err());
+        let e = parse(&["--port", "x"]).unwrap_err();
+        assert!(e.to_string().contains("--port"), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 //! - `auth`: HMAC signatures and constant-time comparison.
 //! - `config`: TOML + environment + command line.
 //! - `apps`: the live app table (stable slots, swapped by a reload).
-//! - `log`: operator messages that can never stall or stop a thread.
+//! - `log`: operator messages (`tracing` events) that can never stall or stop a thread.
 //! - `metrics`: each shard's counters (one writer each), summed when scraped.
 //! - `feed`: the debug console's log of the events of the apps being watched.
 //! - `channels`: per-shard subscriber tables and the home shard's cross-shard view.
@@ -17,6 +17,7 @@
 //! - `http` and `websocket`: the sessions, one per kind of socket; they drive the runtime.
 //! - `ops`: what operators ask of the process: Prometheus metrics, `/up` and `/ready`.
 //! - `server`: startup, executors, listeners, signals.
+//! - `cli`: the command line: serve, check-config, trigger.
 
 #![warn(missing_docs)]
 // A shard's state lives in `RefCell`s shared by its tasks: a borrow held across an `.await` could be
@@ -26,6 +27,7 @@
 pub mod apps;
 pub mod auth;
 pub mod channels;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod feed;

@@ -154,7 +154,7 @@ pub fn run(config: Config) -> io::Result<()> {
     crate::log_info!("shardpush shards: {shards} (one glommio executor per core, SO_REUSEPORT)");
     crate::log_info!("shardpush apps: {}", app_list.join(", "));
     if dev_only {
-        crate::log_info!("shardpush: no app configured, serving the development app app-id / app-key / app-secret (do not use in production)");
+        crate::log_warn!("shardpush: no app configured, serving the development app app-id / app-key / app-secret (do not use in production)");
     }
     for handle in handles {
         let _ = handle.join();
@@ -216,7 +216,7 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     node.wake_shards();
     let code = crate::protocol::codes::SHUTTING_DOWN;
     let grace = node.config.shutdown_grace_period;
-    crate::log_warn!(
+    crate::log_info!(
         "signal {first} received: not ready, closing connections ({code}) over {grace} s, \
          then stopping"
     );
@@ -243,7 +243,7 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     match next_signal(node, &set, Some(Duration::from_secs(10))) {
         Some(second) => exit_now(second),
         None => {
-            crate::log_warn!("shutdown did not finish 10 s after the drain; exiting");
+            crate::log_error!("shutdown did not finish 10 s after the drain; exiting");
             crate::log::flush_briefly(Duration::from_millis(200));
             std::process::exit(1);
         }

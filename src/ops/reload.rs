@@ -23,11 +23,11 @@ pub fn reload_apps(node: &Node) {
     };
     match node.apps.replace(&new.apps, reloadable) {
         Err(e) => crate::log_warn!("reload refused, the running apps are kept: {e}"),
-        Ok(changes) if changes.is_empty() => crate::log_warn!("reload: the apps are unchanged"),
+        Ok(changes) if changes.is_empty() => crate::log_info!("reload: the apps are unchanged"),
         Ok(changes) => {
             node.apps_generation.fetch_add(1, Ordering::Release);
             node.wake_shards();
-            crate::log_warn!(
+            crate::log_info!(
                 "reload: apps added {:?}, removed {:?}, changed {:?}",
                 changes.added,
                 changes.removed,

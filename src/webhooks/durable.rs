@@ -129,7 +129,7 @@ impl Durable {
         loop {
             let result = self.connect().and_then(|mut con| {
                 if std::mem::take(&mut failing) {
-                    crate::log_warn!("webhook queue: connected to Redis again");
+                    crate::log_info!("webhook queue: connected to Redis again");
                 }
                 pause = Duration::from_millis(100);
                 self.serve(&mut con, &hub, &orders, &mut backlog, &shared)
@@ -383,8 +383,8 @@ impl Durable {
         }
         if !bad.is_empty() {
             crate::log_warn!(
-                "webhook queue {}: {} unreadable entries skipped (first: {})",
-                self.queue_key(app),
+                queue = %self.queue_key(app),
+                "webhook queue: {} unreadable entries skipped (first: {})",
                 bad.len(),
                 bad[0]
             );
@@ -420,9 +420,9 @@ impl Durable {
             let count = count.unwrap_or(0);
             if count > *seen {
                 crate::log_warn!(
-                    "webhooks of app {}: {} events not queued in Redis since the last report \
-                     (its queue held max_pending_in_redis)",
-                    app.app_id,
+                    app = %app.app_id,
+                    "webhooks: {} events not queued in Redis since the last report (the app's \
+                     queue held max_pending_in_redis)",
                     count - *seen
                 );
             }

@@ -487,7 +487,7 @@ impl Hub {
             Outcome::Delivered => {
                 self.stats.delivered.fetch_add(events, Ordering::Relaxed);
                 if std::mem::take(&mut health.failing) {
-                    crate::log_warn!("webhooks to {url}: delivered again");
+                    crate::log_info!(url = %url, "webhooks delivered again");
                 }
                 None
             }
@@ -504,8 +504,8 @@ impl Hub {
                 } else {
                     if !std::mem::replace(&mut health.failing, true) {
                         crate::log_warn!(
-                            "webhooks to {url}: failing ({reason}); each is retried for up to \
-                             {} s",
+                            url = %url,
+                            "webhooks failing ({reason}); each is retried for up to {} s",
                             self.settings.retry_for
                         );
                     }
@@ -526,8 +526,9 @@ impl Hub {
                 .given_up_told_at
                 .is_some_and(|t| now.duration_since(t) < GIVE_UP_LOG_EVERY);
             if !told_lately {
-                crate::log_warn!(
-                    "webhooks to {url}: gave up on {} events (the last: {}, {why})",
+                crate::log_error!(
+                    url = %url,
+                    "webhooks gave up on {} events (the last: {}, {why})",
                     std::mem::take(&mut health.given_up_untold),
                     request.id
                 );
@@ -547,9 +548,9 @@ impl Hub {
                     .given_up_told_at
                     .is_none_or(|t| now.duration_since(t) >= GIVE_UP_LOG_EVERY);
                 if health.given_up_untold > 0 && due {
-                    crate::log_warn!(
-                        "webhooks to {}: gave up on {} more events",
-                        self.apps[app].hooks[hook].shown,
+                    crate::log_error!(
+                        url = %self.apps[app].hooks[hook].shown,
+                        "webhooks gave up on {} more events",
                         std::mem::take(&mut health.given_up_untold)
                     );
                     health.given_up_told_at = Some(now);

@@ -148,7 +148,10 @@ impl Stats {
         let before = self.dropped.fetch_add(n, Ordering::Relaxed);
         let after = before + n;
         if before == 0 || (before + 1).next_power_of_two() <= after {
-            crate::log_warn!("webhooks: {after} events dropped so far ({why})");
+            crate::log_warn!(
+                dropped = after,
+                "webhooks: {after} events dropped so far ({why})"
+            );
         }
     }
 }

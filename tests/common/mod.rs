@@ -19,6 +19,7 @@ pub struct Server {
     child: Child,
     pub port: u16,
     _dir: TempDir,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 pub struct TempDir(pub std::path::PathBuf);
@@ -85,14 +86,31 @@ impl Server {
                 break addr.rsplit(':').next().unwrap().parse().unwrap();
             }
         };
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining stdout so the server never blocks on a full pipe; the first MiB is kept.
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = stdout.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut kept = kept.lock().unwrap();
+                if kept.len() < 1 << 20 {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
+        });
         let server = Server {
             child,
             port,
             _dir: TempDir(dir),
+            stdout,
         };
         (server, stderr)
+    }
+
+    /// What the server wrote to stdout so far (its info lines), after the line that said it
+    /// listens.
+    pub fn stdout_text(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// The configuration file the server was started with (a test may rewrite it and SIGHUP).
