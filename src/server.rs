@@ -358,7 +358,12 @@ async fn run_shard(
     shard.report_departures_at_exit();
 }
 
+/// Accept failures are logged at most this often (with the count of those not logged).
+const ACCEPT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, api_only: bool) {
+    let mut failures_untold = 0u64;
+    let mut last_told: Option<Instant> = None;
     loop {
         let next = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.draining().await;
@@ -372,7 +377,12 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, api_only: bool) {
             }
             Some(Err(e)) => {
                 // Out of file descriptors, usually: back off instead of spinning.
-                crate::log_warn!("shard {}: accept failed: {e}", shard.id());
+                failures_untold += 1;
+                if last_told.is_none_or(|t| t.elapsed() >= ACCEPT_FAILURE_LOG_EVERY) {
+                    let failures = std::mem::take(&mut failures_untold);
+                    crate::log_warn!(shard = shard.id(), failures, "accept failed: {e}");
+                    last_told = Some(Instant::now());
+                }
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -66,7 +66,7 @@ fn count_panic(what: &str) -> Panicked {
     if let Some(node) = NODE.get() {
         node.contained_panics.fetch_add(1, Ordering::Relaxed);
     }
-    crate::log_warn!("panic while handling {what}; only it was dropped");
+    crate::log_error!("panic while handling {what}; only it was dropped");
     Panicked
 }
 
@@ -90,11 +90,11 @@ pub fn install_panic_hook(node: std::sync::Arc<super::Node>) {
         let location = info
             .location()
             .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
-        crate::log_warn!("thread '{name}' panicked{location}: {message}");
+        crate::log_error!("thread '{name}' panicked{location}: {message}");
         let on_shard = name.starts_with(SHARD_THREAD_PREFIX);
         let contained = CONTAINED_DEPTH.with(|d| d.get()) > 0;
         if on_shard && !contained {
-            crate::log_warn!(
+            crate::log_error!(
                 "a shard's executor panicked; exiting with status {SHARD_DIED_EXIT_CODE}"
             );
             crate::log::flush_briefly(std::time::Duration::from_millis(200));

@@ -169,7 +169,7 @@ impl Shard {
             LinkEvent::Up => {
                 crate::metrics::here().redis_link_up.set(1);
                 if self.cluster_link_up.replace(Some(true)) != Some(true) {
-                    crate::log_info!("shard {}: Redis link up", self.id);
+                    crate::log_info!(shard = self.id, "Redis link up");
                 }
                 self.write_webhook_settings();
                 self.reassert();
@@ -191,7 +191,7 @@ impl Shard {
                 }
                 metrics.redis_link_up.set(0);
                 if self.cluster_link_up.replace(Some(false)) != Some(false) {
-                    crate::log_warn!("shard {}: Redis link down ({reason}); retrying", self.id);
+                    crate::log_warn!(shard = self.id, "Redis link down ({reason}); retrying");
                 }
             }
         }
@@ -275,7 +275,7 @@ impl Shard {
     pub(super) fn skip_foreign(&self, what: &'static str) {
         let skipped = &self.node.cluster_messages_skipped;
         if skipped.fetch_add(1, Ordering::Relaxed) == 0 {
-            crate::log_warn!("shard {}: skipped {what} on a cluster topic", self.id);
+            crate::log_warn!(shard = self.id, "skipped {what} on a cluster topic");
         }
     }
 }
