@@ -58,6 +58,9 @@ pub struct Node {
     pub started: AtomicBool,
     /// When the process started, for the metrics.
     pub started_at: SystemTime,
+    /// The certificate for `wss://` and `https://` on the client ports (None: plain TCP); set
+    /// once, before the shards start, and reloaded on SIGHUP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Why the process is not ready for new clients (`/ready` answers 503 with it).
@@ -114,6 +117,7 @@ impl Node {
                 .collect(),
             started: AtomicBool::new(false),
             started_at: SystemTime::now(),
+            tls: None,
         }
     }
 
