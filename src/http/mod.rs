@@ -230,6 +230,7 @@ pub async fn serve(
     let _ = deadline
         .within(serve_requests(&shard, &mut stream, buf, head, &deadline))
         .await;
+    stream.close_tls();
 }
 
 async fn serve_requests(

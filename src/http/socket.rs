@@ -92,6 +92,14 @@ impl Socket {
         Ok(())
     }
 
+    /// Over TLS, ends the stream with `close_notify` (if the socket takes it) before the socket
+    /// is dropped.
+    pub fn close_tls(&self) {
+        if let Some(tls) = &self.tls {
+            tls.close(self.stream.as_raw_fd());
+        }
+    }
+
     /// A timeout for each read from now on (None: none).
     pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) {
         let _ = self.stream.set_read_timeout(timeout);

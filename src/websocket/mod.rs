@@ -29,10 +29,13 @@ use std::time::Duration;
 /// connection that lives for hours.
 pub async fn run(shard: Rc<Shard>, mut socket: Socket, head: Head, buf: Vec<u8>) {
     let upgraded = Box::pin(upgrade(&shard, &mut socket, head, buf)).await;
-    if let Some((app, buf)) = upgraded {
+    match upgraded {
         // A task of its own: it holds only what a live connection needs, and the accepting
         // task (with its request parsing state) is freed.
-        glommio::spawn_local(serve(shard, socket, app, buf)).detach();
+        Some((app, buf)) => {
+            glommio::spawn_local(serve(shard, socket, app, buf)).detach();
+        }
+        None => socket.close_tls(),
     }
 }
 
