@@ -827,6 +827,15 @@ impl Config {
             };
             return Err(err(source, key, format!("is needed with {other}")));
         }
+        if !self.tls_cert.is_empty() {
+            let certs =
+                crate::tls::read_certs(&self.tls_cert).map_err(|e| err(source, "tls_cert", e))?;
+            let key = crate::tls::read_key(&self.tls_key).map_err(|e| err(source, "tls_key", e))?;
+            crate::tls::server_config(certs, key).map_err(|e| {
+                let reason = format!("{} and {}: {e}", self.tls_key, self.tls_cert);
+                err(source, "tls_key", reason)
+            })?;
+        }
         if self.shutdown_grace_period > 300 {
             return Err(err(
                 source,

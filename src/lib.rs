@@ -3,6 +3,7 @@
 //! Layout, lowest layer first (each imports only from the layers above it in this list):
 //! - `protocol`: wire format (channel names, event envelopes, WebSocket frames), pure functions.
 //! - `auth`: HMAC signatures and constant-time comparison.
+//! - `tls`: the certificate for `wss://` and `https://` (reloadable), one connection's TLS state.
 //! - `config`: TOML + environment + command line.
 //! - `apps`: the live app table (stable slots, swapped by a reload).
 //! - `log`: operator messages (`tracing` events) that can never stall or stop a thread.
@@ -38,5 +39,6 @@ pub mod ops;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod tls;
 pub mod webhooks;
 pub mod websocket;

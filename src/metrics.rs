@@ -207,8 +207,11 @@ pub struct ShardMetrics {
     pub events_published: Counter,
     /// Frames queued for WebSocket connections (one per socket per message).
     pub frames_delivered: Counter,
-    /// Bytes written to WebSocket connections.
+    /// Bytes written to WebSocket connections (over TLS: the records, as sent).
     pub bytes_sent: Counter,
+    /// TLS sockets given up before their handshake completed (not TLS, refused by rustls,
+    /// closed or timed out first).
+    pub tls_handshake_failures: Counter,
     /// Messages queued for other shards (and this one) and not yet handed over.
     pub mesh_queue_depth: Gauge,
     /// 1 while the shard's Redis link is connected (a cluster node).
@@ -240,6 +243,7 @@ impl ShardMetrics {
             events_published: Counter::default(),
             frames_delivered: Counter::default(),
             bytes_sent: Counter::default(),
+            tls_handshake_failures: Counter::default(),
             mesh_queue_depth: Gauge::default(),
             redis_link_up: Gauge::default(),
             redis_link_losses: Counter::default(),

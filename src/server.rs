@@ -105,6 +105,10 @@ pub fn run(config: Config) -> io::Result<()> {
     // executor's io_uring wait, nor kills the process through a thread that does not handle it.
     let signals = block_shutdown_signals()?;
     let mut node = Node::new(config, shards);
+    if !node.config.tls_cert.is_empty() {
+        let tls = crate::tls::TlsSettings::load(&node.config.tls_cert, &node.config.tls_key);
+        node.tls = Some(tls.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?);
+    }
     let ops_listener = crate::ops::bind(&node)?;
     node.webhooks = Webhooks::start(&node.config, node.socket_prefix, node.console.clone())?;
     let node = Arc::new(node);
@@ -141,8 +145,12 @@ pub fn run(config: Config) -> io::Result<()> {
         }
     }
     node.started.store(true, Ordering::Release);
+    let tls = match node.tls {
+        Some(_) => ", TLS",
+        None => "",
+    };
     crate::log_info!(
-        "shardpush {} listening on {addr} (WebSocket /app/{{key}} and HTTP API)",
+        "shardpush {} listening on {addr} (WebSocket /app/{{key}} and HTTP API{tls})",
         env!("CARGO_PKG_VERSION")
     );
     if let Some(a) = api_addr {
@@ -266,6 +274,24 @@ fn next_signal(node: &Node, set: &libc::sigset_t, timeout: Option<Duration>) -> 
 /// SIGHUP: what can change without a restart is read again.
 fn reload(node: &Node) {
     crate::ops::reload::reload_apps(node);
+    reload_tls(node);
+}
+
+/// SIGHUP: the TLS certificate and key are read again; new handshakes present the new
+/// certificate, connections keep theirs. A file that cannot be used leaves the old one in place.
+fn reload_tls(node: &Node) {
+    let Some(tls) = &node.tls else {
+        return;
+    };
+    match tls.reload() {
+        Ok(()) => crate::log_warn!(
+            "SIGHUP: TLS certificate reloaded from {} (new connections use it)",
+            tls.cert_path()
+        ),
+        Err(e) => {
+            crate::log_warn!("SIGHUP: TLS certificate NOT reloaded, keeping the old one: {e}")
+        }
+    }
 }
 
 /// The next of the blocked signals, waiting until `deadline` at most (None: for ever).
@@ -421,30 +447,46 @@ async fn serve_new_socket(
     pending: PendingGuard<'_>,
 ) {
     let _ = stream.set_nodelay(true);
-    let config = &shard.node().config;
+    let node = shard.node().clone();
+    let config = &node.config;
     if in_progress >= config.max_pending_connections {
+        if node.tls.is_some() {
+            // No handshake to spend on an answer: the socket is just closed.
+            return;
+        }
         let message = "Too many connections are being opened at once; retry shortly";
         crate::metrics::here().http_request(crate::metrics::Route::Other, 503);
         let _ = stream.write_all(&http::error_response(503, message)).await;
         return;
     }
+    let mut socket = match &node.tls {
+        None => http::Socket::plain(stream),
+        Some(tls) => match tls.session() {
+            Ok(session) => http::Socket::tls(stream, session),
+            Err(_) => return,
+        },
+    };
     // Slow or silent peers cannot hold a socket open: the whole first request (and, for HTTP,
-    // its body) must arrive within `request_timeout`.
+    // its body), TLS handshake included, must arrive within `request_timeout`.
     let deadline = DeadlineGuard::new(&shard, config.request_timeout);
     let mut buf = Vec::new();
     let head = deadline
-        .within(http::read_head(&shard, &mut stream, &mut buf))
+        .within(http::read_head(&shard, &mut socket, &mut buf))
         .await
         .flatten();
     drop(pending);
     let Some(head) = head else {
+        if socket.tls_handshaking() {
+            // Not TLS, refused by rustls, or ended or timed out before the handshake completed.
+            crate::metrics::here().tls_handshake_failures.inc();
+        }
         return;
     };
     // The HTTP path is boxed so that its state does not enlarge every WebSocket task.
     if head.is_websocket_upgrade() && !api_only && config.role.serves_websocket() {
         drop(deadline);
-        websocket::run(shard, stream, head, buf).await;
+        websocket::run(shard, socket, head, buf).await;
     } else {
-        Box::pin(http::serve(shard, stream, buf, head, deadline)).await;
+        Box::pin(http::serve(shard, socket, buf, head, deadline)).await;
     }
 }

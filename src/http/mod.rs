@@ -3,17 +3,14 @@
 
 pub mod api;
 pub mod signature;
+mod socket;
+
+pub use socket::Socket;
 
 use crate::metrics::Route;
 use crate::shard::deadline::{Deadline, DeadlineGuard};
 use crate::shard::Shard;
-use futures_lite::io::{AsyncRead, AsyncWriteExt};
-use glommio::net::TcpStream;
-use std::future::poll_fn;
-use std::io;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
 
 /// Longest request head accepted (431 beyond).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -167,28 +164,9 @@ pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     response(status, "application/json", body.as_bytes(), false)
 }
 
-/// Reads whatever the socket has into `buf`, through the shard's shared read buffer.
-pub async fn read_into(
-    shard: &Shard,
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> io::Result<usize> {
-    poll_fn(|cx| {
-        let mut buffer = shard.read_buffer();
-        match Pin::new(&mut *stream).poll_read(cx, &mut buffer[..]) {
-            Poll::Ready(Ok(n)) => {
-                buf.extend_from_slice(&buffer[..n]);
-                Poll::Ready(Ok(n))
-            }
-            other => other,
-        }
-    })
-    .await
-}
-
 /// Reads one request head. On a bad or oversized head it answers and returns None. The caller
 /// bounds the time it may take (a `Deadline`).
-pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Head> {
+pub async fn read_head(shard: &Shard, stream: &mut Socket, buf: &mut Vec<u8>) -> Option<Head> {
     loop {
         match parse_head(buf) {
             Parsed::Complete(head) => return Some(head),
@@ -204,7 +182,7 @@ pub async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut Vec<u8>)
                     .await;
                 return None;
             }
-            Parsed::Partial => match read_into(shard, stream, buf).await {
+            Parsed::Partial => match stream.read_into(shard, buf).await {
                 Ok(n) if n > 0 => {}
                 _ => return None,
             },
@@ -244,7 +222,7 @@ pub fn content_length(head: &Head) -> Result<usize, &'static str> {
 /// send the whole of its next request. Whatever the socket is doing, it is closed at the deadline.
 pub async fn serve(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    mut stream: Socket,
     buf: Vec<u8>,
     head: Head,
     deadline: DeadlineGuard,
@@ -252,11 +230,12 @@ pub async fn serve(
     let _ = deadline
         .within(serve_requests(&shard, &mut stream, buf, head, &deadline))
         .await;
+    stream.close_tls();
 }
 
 async fn serve_requests(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     mut buf: Vec<u8>,
     mut head: Head,
     deadline: &Deadline,
@@ -289,7 +268,7 @@ async fn serve_requests(
             return;
         }
         while buf.len() < head.len + length {
-            match read_into(shard, stream, &mut buf).await {
+            match stream.read_into(shard, &mut buf).await {
                 Ok(n) if n > 0 => {}
                 _ => return,
             }

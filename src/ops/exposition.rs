@@ -176,6 +176,12 @@ pub fn render(node: &Node) -> String {
         sum(&|m| &m.bytes_sent),
     );
     out.counter(
+        "shardpush_tls_handshake_failures_total",
+        "TLS sockets given up before their handshake completed (not TLS, refused, or closed or \
+         timed out first).",
+        sum(&|m| &m.tls_handshake_failures),
+    );
+    out.counter(
         "shardpush_slow_consumer_closes_total",
         "Connections closed because their outbound queue was full (4100).",
         node.slow_consumer_closes.load(Ordering::Relaxed),

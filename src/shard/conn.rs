@@ -4,12 +4,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::Waker;
 
 use crate::protocol::{codes, events, ws};
+use crate::tls::{FdWriter, TlsSession};
 
 /// A subscription as the connection knows it.
 pub struct Sub {
@@ -92,6 +93,9 @@ pub struct Conn {
     /// The close code that ended the connection: ours, or the peer's when it closed first
     /// (0: none yet).
     close_code: Cell<u16>,
+    /// TLS (`tls_cert`): frames are encrypted on their way out, reads decrypted on their way
+    /// in. None for plain TCP, whose path is untouched.
+    tls: Option<Box<TlsSession>>,
 }
 
 /// Seconds a closing connection gets to flush and see the peer's close before it is dropped.
@@ -120,7 +124,19 @@ impl Conn {
             partial_since: Cell::new(None),
             discard_input: Cell::new(false),
             close_code: Cell::new(0),
+            tls: None,
         }
+    }
+
+    /// The connection over TLS, with the session its handshake established.
+    pub fn with_tls(mut self, tls: Option<Box<TlsSession>>) -> Conn {
+        self.tls = tls;
+        self
+    }
+
+    /// The connection's TLS, if it has any.
+    pub fn tls(&self) -> Option<&TlsSession> {
+        self.tls.as_deref()
     }
 
     /// The close code that ended the connection, for the metrics: 1006 (closed without a close
@@ -302,6 +318,9 @@ impl Conn {
     /// Writes as much of the queue as the socket takes, many frames per syscall.
     /// `Ok(true)` when the queue is empty afterwards, `Ok(false)` when the socket is full.
     pub fn flush(&self, fd: RawFd) -> io::Result<bool> {
+        if let Some(tls) = &self.tls {
+            return self.flush_tls(tls, fd);
+        }
         const MAX_IOV: usize = 64;
         let mut q = self.out.borrow_mut();
         while !q.frames.is_empty() {
@@ -343,6 +362,46 @@ impl Conn {
             q.consume(written as usize);
         }
         // An idle socket keeps room for a few frames (no allocation per delivery), not a burst's.
+        if q.frames.capacity() > 4 {
+            q.frames = VecDeque::with_capacity(4);
+        }
+        Ok(true)
+    }
+
+    /// `flush` over TLS: the records rustls holds go out first; then the next frames (as many
+    /// as its buffer limit takes, coalesced into full records) are encrypted, and so on until
+    /// the queue is empty or the socket full. A frame handed to rustls in part keeps its place
+    /// (`offset`), as a partly written one does on plain TCP, and its bytes stay counted in the
+    /// queue until rustls has them.
+    fn flush_tls(&self, tls: &TlsSession, fd: RawFd) -> io::Result<bool> {
+        const MAX_SLICES: usize = 64;
+        let mut q = self.out.borrow_mut();
+        loop {
+            let mut out = FdWriter::new(fd);
+            let done = tls.write_to(&mut out);
+            crate::metrics::here().bytes_sent.add(out.written as u64);
+            if !done? {
+                return Ok(false);
+            }
+            if q.frames.is_empty() {
+                break;
+            }
+            let taken = {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut count = 0;
+                for (i, frame) in q.frames.iter().take(MAX_SLICES).enumerate() {
+                    let start = if i == 0 { q.offset } else { 0 };
+                    slices[i] = IoSlice::new(&frame[start..]);
+                    count += 1;
+                }
+                tls.encrypt(&slices[..count])?
+            };
+            if taken == 0 {
+                // rustls holds nothing unwritten, so it takes no more only once it is closed.
+                return Err(io::Error::other("TLS connection closed for writing"));
+            }
+            q.consume(taken);
+        }
         if q.frames.capacity() > 4 {
             q.frames = VecDeque::with_capacity(4);
         }

@@ -69,6 +69,9 @@ pub struct Node {
     pub started_at: SystemTime,
     /// The debug console's log (None: `console` is off).
     pub console: Option<Arc<Console>>,
+    /// The certificate for `wss://` and `https://` on the client ports (None: plain TCP); set
+    /// once, before the shards start, and reloaded on SIGHUP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Why the process is not ready for new clients (`/ready` answers 503 with it).
@@ -130,6 +133,7 @@ impl Node {
             started: AtomicBool::new(false),
             started_at: SystemTime::now(),
             console: config_console.then(|| Arc::new(Console::new(apps))),
+            tls: None,
         }
     }
 

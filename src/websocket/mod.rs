@@ -6,7 +6,7 @@ mod handlers;
 mod signin;
 
 use crate::feed::Note;
-use crate::http::{error_response, signature::parse_query, Head};
+use crate::http::{error_response, signature::parse_query, Head, Socket};
 use crate::metrics::Route;
 use crate::protocol::codes;
 use crate::protocol::events;
@@ -14,7 +14,8 @@ use crate::protocol::ws::{self, FrameReader};
 use crate::shard::conn::{Conn, ConnState};
 use crate::shard::contain::{self, Contained};
 use crate::shard::{Phase, Shard};
-use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use crate::tls::{Fed, PollWriter};
+use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use std::future::{poll_fn, Future};
 use std::os::fd::AsRawFd;
@@ -27,19 +28,22 @@ use std::time::Duration;
 /// A WebSocket connection from its upgrade request to its end. The upgrade (with the parsed
 /// request head) runs in its own boxed future, so none of it stays in the memory of a
 /// connection that lives for hours.
-pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, head: Head, buf: Vec<u8>) {
-    let upgraded = Box::pin(upgrade(&shard, &mut stream, head, buf)).await;
-    if let Some((app, buf)) = upgraded {
+pub async fn run(shard: Rc<Shard>, mut socket: Socket, head: Head, buf: Vec<u8>) {
+    let upgraded = Box::pin(upgrade(&shard, &mut socket, head, buf)).await;
+    match upgraded {
         // A task of its own: it holds only what a live connection needs, and the accepting
         // task (with its request parsing state) is freed.
-        glommio::spawn_local(serve(shard, stream, app, buf)).detach();
+        Some((app, buf)) => {
+            glommio::spawn_local(serve(shard, socket, app, buf)).detach();
+        }
+        None => socket.close_tls(),
     }
 }
 
 /// Answers the upgrade and admits the connection: `Some((app, bytes after the head))`.
 async fn upgrade(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     head: Head,
     mut buf: Vec<u8>,
 ) -> Option<(u32, Vec<u8>)> {
@@ -85,11 +89,12 @@ async fn upgrade(
 /// The connection's life after admission: flush, read, handle, until either side ends it.
 fn serve(
     shard: Rc<Shard>,
-    stream: TcpStream,
+    socket: Socket,
     app: u32,
     buf: Vec<u8>,
 ) -> Connection<impl Future<Output = ()>> {
-    let conn = open(&shard, &stream, app);
+    let Socket { stream, tls } = socket;
+    let conn = open(&shard, &stream, app, tls);
     let reader = FrameReader::new(buf);
     let handler = read_and_handle(shard.clone(), conn.clone(), stream, reader);
     Connection {
@@ -130,11 +135,16 @@ impl<F: Future<Output = ()>> Future for Connection<F> {
 }
 
 /// Registers an admitted connection with its shard and queues `connection_established`.
-fn open(shard: &Shard, stream: &TcpStream, app: u32) -> Rc<Conn> {
+fn open(
+    shard: &Shard,
+    stream: &TcpStream,
+    app: u32,
+    tls: Option<Box<crate::tls::TlsSession>>,
+) -> Rc<Conn> {
     let node = shard.node();
     let id = shard.new_id();
     let burst = node.app(app).max_client_events_per_second as f32;
-    let conn = Rc::new(Conn::new(id, app, shard.now_secs(), burst));
+    let conn = Rc::new(Conn::new(id, app, shard.now_secs(), burst).with_tls(tls));
     conn.fd.set(stream.as_raw_fd());
     shard.add_conn(conn.clone());
     crate::metrics::here().connections_opened.inc();
@@ -179,6 +189,10 @@ fn read_and_handle(
                 Io::Read => {}
                 Io::Done => break,
             }
+        }
+        if let Some(tls) = conn.tls() {
+            // Ends the TLS stream properly, if the socket takes it.
+            tls.close(stream.as_raw_fd());
         }
     }
 }
@@ -251,7 +265,7 @@ fn admit(shard: &Shard, path: &str, query: &str) -> Result<u32, (u16, String)> {
 }
 
 /// Completes a refused upgrade: `pusher:error`, then a close with the same code.
-async fn reject(shard: &Shard, stream: &mut TcpStream, code: u16, reason: &str) {
+async fn reject(shard: &Shard, stream: &mut Socket, code: u16, reason: &str) {
     crate::metrics::here().connections_refused[crate::metrics::close_slot(code)].inc();
     let mut bytes = events::error(Some(code), reason);
     bytes.extend(ws::close_frame(code, reason));
@@ -259,9 +273,9 @@ async fn reject(shard: &Shard, stream: &mut TcpStream, code: u16, reason: &str) 
         return;
     }
     // Give the client a moment to answer the close before the TCP connection goes.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut sink = Vec::new();
-    while let Ok(n) = crate::http::read_into(shard, stream, &mut sink).await {
+    while let Ok(n) = stream.read_into(shard, &mut sink).await {
         if n == 0 || sink.len() > 4096 {
             break;
         }
@@ -299,6 +313,14 @@ fn poll_io(
                 break;
             }
             // The socket is full: glommio's write wakes us when it drains (and may write some).
+            Ok(false) if conn.tls().is_some() => {
+                if !wait_writable_tls(conn, stream, cx) {
+                    return Poll::Ready(Io::Done);
+                }
+                if conn.tls().is_some_and(|tls| tls.wants_write()) {
+                    break;
+                }
+            }
             Ok(false) => {
                 match conn.with_front(|front| Pin::new(&mut *stream).poll_write(cx, front)) {
                     Some(Poll::Ready(Ok(n))) => {
@@ -316,11 +338,38 @@ fn poll_io(
         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Io::Done),
         Poll::Ready(Ok(n)) => {
             crate::metrics::here().bytes_received.add(n as u64);
-            reader.feed(&buffer[..n]);
-            Poll::Ready(Io::Read)
+            let Some(tls) = conn.tls() else {
+                reader.feed(&buffer[..n]);
+                return Poll::Ready(Io::Read);
+            };
+            // Decrypted on the way in; what the records held reaches the frame reader in order.
+            match tls.feed(&buffer[..n], |plain| reader.feed(plain)) {
+                Ok(Fed::Open) => Poll::Ready(Io::Read),
+                Ok(Fed::Closed) => Poll::Ready(Io::Done),
+                Err(_) => {
+                    tls.send_alert(fd);
+                    Poll::Ready(Io::Done)
+                }
+            }
         }
         Poll::Pending => Poll::Pending,
     }
+}
+
+/// Over TLS, when the socket is full: writes the records rustls holds through glommio, which
+/// registers the task to be woken when the socket takes more. False on a write error.
+fn wait_writable_tls(conn: &Conn, stream: &mut TcpStream, cx: &mut Context<'_>) -> bool {
+    let Some(tls) = conn.tls() else {
+        return true;
+    };
+    let mut out = PollWriter {
+        stream,
+        cx,
+        written: 0,
+    };
+    let result = tls.write_to(&mut out);
+    crate::metrics::here().bytes_sent.add(out.written as u64);
+    result.is_ok()
 }
 
 #[cfg(test)]
