@@ -2,6 +2,7 @@
 //! workloads over the public protocol and HTTP API, on loopback only, bounded in time and count.
 
 mod cycles;
+mod drain;
 mod measure;
 mod net;
 mod node_death;
@@ -43,6 +44,13 @@ enum Workload {
     /// A cluster node killed with presence members on it: time until the survivors announce
     /// every departure.
     NodeDeath(node_death::NodeDeathArgs),
+    /// N connections, then SIGTERM to the server: when each close (code, or a TCP close) arrived
+    /// after the signal, and the most closes in any 10 ms and 100 ms.
+    ///
+    /// Example: `loadtest drain --port 6401 --connections 5000 --server-pid PID --cpu 1`
+    /// (--server-pid is the server process itself, listening on --port; it gets the SIGTERM.
+    /// Also --app-key K, --wait-secs S; N is at most 19,000.)
+    Drain(drain::DrainArgs),
     /// A webhook receiver on 127.0.0.1 that answers 200 at once, checks signatures and counts
     /// requests and events per second.
     WebhookSink(webhook_sink::SinkArgs),
@@ -61,7 +69,7 @@ pub struct Target {
     pub port: u16,
     #[arg(long, default_value = "app-id")]
     pub app_id: String,
-    #[arg(long, default_value = "app-key")]
+    #[arg(long, visible_alias = "app-key", default_value = "app-key")]
     pub key: String,
     #[arg(long, default_value = "app-secret")]
     pub secret: String,
@@ -207,6 +215,10 @@ fn main() {
         Workload::Soak(a) => {
             check(&a.target);
             soak::soak(&a)
+        }
+        Workload::Drain(a) => {
+            check(&a.target);
+            drain::drain(&a)
         }
         Workload::WebhookSink(a) => webhook_sink::run(&a),
         Workload::NodeDeath(a) => {

@@ -107,6 +107,9 @@ pub struct Ws {
     pub since: u64,
     /// The status code of the server's close frame (0 when it had none), once one arrived.
     pub close_code: Option<u16>,
+    /// With `Pool::stamp_receives`: when the kernel received the bytes of the last read
+    /// (CLOCK_REALTIME ns), 0 when that read carried no timestamp (an EOF, an error).
+    pub rx_stamp_ns: u64,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     mask: u32,
@@ -199,6 +202,54 @@ fn send_pending(fd: RawFd, out: &mut Vec<u8>) {
     }
 }
 
+fn enable_rx_stamps(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: sets an option on a descriptor the pool owns, from a live int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// `recv` into `buf`, with the kernel's receive time of those bytes (CLOCK_REALTIME ns, 0 when
+/// the read carried none).
+fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> (isize, u64) {
+    // Room for one SCM_TIMESTAMPNS message (a timespec), aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: reads into `buf` and `control`, both described by `msg` with their lengths.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    let mut stamp = 0;
+    if n > 0 {
+        // SAFETY: walks the control messages the kernel wrote within msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                    stamp = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+    }
+    (n, stamp)
+}
+
 /// A keep-alive HTTP/1.1 client socket with at most one request in flight.
 pub struct Http {
     pub fd: RawFd,
@@ -253,6 +304,8 @@ pub struct Pool {
     pub opening: usize,
     pub connect_errors: usize,
     pub upgrade_errors: usize,
+    /// WebSocket reads take the kernel's receive timestamps (`stamp_receives`).
+    rx_stamps: bool,
 }
 
 impl Pool {
@@ -274,6 +327,17 @@ impl Pool {
             opening: 0,
             connect_errors: 0,
             upgrade_errors: 0,
+            rx_stamps: false,
+        }
+    }
+
+    /// From now on every WebSocket read records when the kernel received its bytes
+    /// (`Ws::rx_stamp_ns`, SO_TIMESTAMPNS): on loopback that is when the server sent them,
+    /// however late this process gets to read them.
+    pub fn stamp_receives(&mut self) {
+        self.rx_stamps = true;
+        for ws in self.ws.iter().filter(|ws| ws.phase != Phase::Closed) {
+            enable_rx_stamps(ws.fd);
         }
     }
 
@@ -311,6 +375,7 @@ impl Pool {
             step: 0,
             since: now,
             close_code: None,
+            rx_stamp_ns: 0,
             inbuf: Vec::new(),
             out: first_bytes,
             mask: fd as u32 ^ 0x9e37_79b9,
@@ -326,6 +391,9 @@ impl Pool {
             }
         };
         self.opening += 1;
+        if self.rx_stamps {
+            enable_rx_stamps(fd);
+        }
         self.register(fd, idx as u64);
         Some(idx)
     }
@@ -412,14 +480,20 @@ impl Pool {
         }
         loop {
             let fd = self.ws[idx].fd;
-            // SAFETY: reads into our own scratch buffer.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    self.scratch.as_mut_ptr().cast(),
-                    self.scratch.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let n = if self.rx_stamps {
+                let (n, stamp) = recv_stamped(fd, &mut self.scratch);
+                self.ws[idx].rx_stamp_ns = stamp;
+                n
+            } else {
+                // SAFETY: reads into our own scratch buffer.
+                unsafe {
+                    libc::recv(
+                        fd,
+                        self.scratch.as_mut_ptr().cast(),
+                        self.scratch.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                }
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -639,6 +713,7 @@ mod tests {
             step: 0,
             since: 0,
             close_code: None,
+            rx_stamp_ns: 0,
             inbuf: Vec::new(),
             out: Vec::new(),
             mask: 0,
