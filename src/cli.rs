@@ -356,6 +356,12 @@ pub fn check_config(args: &ServerArgs, env: Env<'_>) -> Result<String, ConfigErr
 /// Runs the server: exit status 2 for a configuration error, 1 when it could not start, 0 after
 /// a clean shutdown.
 fn serve(args: &ServerArgs, env: Env<'_>) -> ExitCode {
+    // Before any thread exists (the log writers start with the first line): every thread
+    // inherits the mask, so only the server's signal thread ever takes SIGTERM, SIGINT or SIGHUP.
+    if let Err(e) = crate::server::block_shutdown_signals() {
+        eprintln!("shardpush: cannot block the shutdown signals: {e}");
+        return ExitCode::FAILURE;
+    }
     let (config, settings) = match load(args, env) {
         Ok(loaded) => loaded,
         Err(e) => {

@@ -70,10 +70,13 @@ pub struct Config {
     /// Serve the debug console at `/console` (signed in the browser with an app's key and
     /// secret).
     pub console: bool,
-    /// The file this configuration was read from (None: defaults, environment and flags only);
-    /// a reload reads it again.
+    /// The command-line options it was loaded with (the file among them): a reload loads
+    /// again with the same.
     #[serde(skip)]
-    pub file: Option<String>,
+    pub loaded_with: Cli,
+    /// No app was configured, so the development app was added.
+    #[serde(skip)]
+    pub dev_app_fallback: bool,
 }
 
 /// What a node serves (`role`, `--role`).
@@ -343,7 +346,8 @@ impl Default for Config {
             tls_cert: String::new(),
             tls_key: String::new(),
             console: false,
-            file: None,
+            loaded_with: Cli::default(),
+            dev_app_fallback: false,
         }
     }
 }
@@ -632,7 +636,7 @@ pub const DEV_APP: (&str, &str, &str) = ("app-id", "app-key", "app-secret");
 /// The server's options on the command line (of `shardpush`, `shardpush serve` and
 /// `shardpush check-config`; see `cli`). Each overrides its TOML key and environment variable,
 /// which `Config::load` reads; the doc comments are the `--help` text.
-#[derive(Clone, Debug, Default, clap::Args)]
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
 pub struct Cli {
     /// TOML configuration file (README.md lists every key)
     #[arg(short = 'c', long = "config", value_name = "FILE")]
@@ -763,9 +767,10 @@ impl Config {
                 enable_watchlist_events: true,
                 ..AppConfig::default()
             });
+            config.dev_app_fallback = true;
         }
         config.validate(cli.config_file.as_deref().unwrap_or("configuration"))?;
-        config.file = cli.config_file.clone();
+        config.loaded_with = cli.clone();
         Ok(config)
     }
 

@@ -197,7 +197,7 @@ pub fn run(config: Config) -> io::Result<()> {
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every thread it starts
 /// later): the signal thread takes them with `sigwait`.
-fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
+pub fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
     // SAFETY: plain libc calls on a local, initialised signal set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -220,6 +220,7 @@ fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
 fn wait_for_signals(set: libc::sigset_t, node: &Node) {
     let drain = Duration::from_secs(crate::shard::conn::CLOSE_GRACE_SECS as u64 + 1);
     let first = next_signal(node, &set, None).unwrap_or(0);
+    let _ = node.drain_started.set(Instant::now());
     node.shutdown.store(true, Ordering::Release);
     node.wake_shards();
     let code = crate::protocol::codes::SHUTTING_DOWN;
@@ -240,6 +241,7 @@ fn wait_for_signals(set: libc::sigset_t, node: &Node) {
         }
         node.wake_shards();
     }
+    node.spread_over.store(true, Ordering::Release);
     node.wake_shards();
     if let Some(second) = next_signal(node, &set, Some(drain)) {
         exit_now(second);

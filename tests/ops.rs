@@ -244,8 +244,76 @@ fn sighup_reloads_the_apps_and_keeps_them_when_the_file_is_broken() {
     });
     assert_eq!(trigger_app(&server, "c", "kc", "news").0, 200);
     assert_eq!(c.recv_event("e")["channel"], "news");
+    // An empty file (a deployment tool caught rewriting it) does not swap the apps for the
+    // development app.
+    std::fs::write(server.config_path(), "").unwrap();
+    server.signal(libc::SIGHUP);
+    eventually("the empty file is refused", || {
+        log.lock().unwrap().contains("no app is configured")
+    });
+    assert_eq!(trigger_app(&server, "c", "kc", "news").0, 200);
+    assert_eq!(connect_app(&server, "app-key").err(), Some(Some(4001)));
     let everything = log.lock().unwrap().clone() + &server.stdout_text();
     assert!(!everything.contains("-secret"), "a secret was logged");
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// The shard that homes `channel` of the first app on a 2-shard server (`ChannelKey::home`).
+fn home_of(channel: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in 0u32.to_le_bytes().iter().chain(channel.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h % 2
+}
+
+#[test]
+fn a_shard_without_connections_serves_the_others_until_their_drain_is_done() {
+    let (mut server, _) = server_with_metrics("shutdown_grace_period = 3");
+    // Both clients on shard 1, in a channel homed on shard 0 (which has no connection).
+    let channel = (0..)
+        .map(|i| format!("private-drain-{i}"))
+        .find(|c| home_of(c) == 0)
+        .unwrap();
+    let mut a = server.connect_on_shard(1);
+    let mut b = server.connect_on_shard(1);
+    a.subscribe_private(&channel);
+    b.subscribe_private(&channel);
+    server.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    a.send_json(serde_json::json!({"event": "client-late", "channel": channel, "data": {}}));
+    let got = b.recv_event("client-late");
+    assert_eq!(
+        got["channel"],
+        channel.as_str(),
+        "shard 0 still routes its channel"
+    );
+    assert_eq!(a.expect_close(), Some(4200));
+    assert_eq!(b.expect_close(), Some(4200));
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success());
+}
+
+#[test]
+fn a_cluster_node_drains_on_sigterm_and_reloads_on_sighup_instead_of_dying() {
+    // A cluster node logs before the server starts: the log threads must not take the signals.
+    let redis = Redis::start();
+    let mut node = cluster_node(&redis, "", "");
+    let mut c = node.connect();
+    node.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        node.wait_exit(Duration::ZERO).is_none(),
+        "SIGHUP killed the node"
+    );
+    c.subscribe("still-here");
+    node.signal(libc::SIGTERM);
+    assert_eq!(c.expect_close(), Some(4200));
+    let status = node.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(
+        status.success(),
+        "a drained cluster node exits 0: {status:?}"
+    );
 }

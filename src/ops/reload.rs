@@ -4,23 +4,32 @@
 //! connections of apps now disabled or removed (4003). Other settings (ports, shards, cluster,
 //! webhook delivery) and an app's webhooks need a restart: a reload says so and leaves them.
 
-use crate::config::{AppConfig, Cli, Config};
+use crate::config::{AppConfig, Config};
 use crate::shard::Node;
 use std::sync::atomic::Ordering;
 
 /// Reloads the apps from the configuration the process was started with.
 pub fn reload_apps(node: &Node) {
-    let cli = Cli {
-        config_file: node.config.file.clone(),
-        ..Cli::default()
-    };
-    let new = match Config::load(&cli, &|k| std::env::var(k).ok()) {
+    let new = match Config::load(&node.config.loaded_with, &|k| std::env::var(k).ok()) {
         Ok(config) => config,
         Err(e) => {
             crate::log_warn!("reload refused, the running apps are kept: {e}");
             return;
         }
     };
+    // An empty or truncated file (a deployment tool rewriting it) must not swap the apps for
+    // the development app with its public secret.
+    if new.dev_app_fallback && !node.config.dev_app_fallback {
+        let file = new
+            .loaded_with
+            .config_file
+            .as_deref()
+            .unwrap_or("the configuration");
+        crate::log_warn!(
+            "reload refused, the running apps are kept: {file}: apps: no app is configured"
+        );
+        return;
+    }
     match node.apps.replace(&new.apps, reloadable) {
         Err(e) => crate::log_warn!("reload refused, the running apps are kept: {e}"),
         Ok(changes) if changes.is_empty() => crate::log_info!("reload: the apps are unchanged"),
@@ -132,7 +141,7 @@ mod tests {
         limited.secret = "new".into();
         assert!(reloadable(Some(&plain), &limited).is_ok());
 
-        let old = Config::load(&Cli::default(), &|_| None).unwrap();
+        let old = Config::load(&Default::default(), &|_| None).unwrap();
         let mut new = old.clone();
         assert!(restart_only_changes(&old, &new).is_empty());
         new.port = 1;

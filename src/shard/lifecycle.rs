@@ -68,7 +68,13 @@ impl Shard {
             apps_seen = generation();
             self.close_connections_of_disabled_apps();
         }
-        let started = Instant::now();
+        // The signal thread's clock, so that its last wake-up of the spread finds every share due.
+        let started = self
+            .node
+            .drain_started
+            .get()
+            .copied()
+            .unwrap_or_else(Instant::now);
         self.begin_drain();
         let grace = Duration::from_secs(self.node.config.shutdown_grace_period.into());
         // The connections of the moment, closed in this order, a share at each wake-up: by
@@ -77,7 +83,8 @@ impl Shard {
         let total = to_close.len();
         self.wait_for(|| {
             let elapsed = started.elapsed();
-            let due = match elapsed >= grace {
+            let over = elapsed >= grace || self.node.spread_over.load(Ordering::Acquire);
+            let due = match over {
                 true => total,
                 false => (total as u128 * elapsed.as_micros() / grace.as_micros()) as usize,
             };
@@ -85,12 +92,24 @@ impl Shard {
             if due > closed {
                 self.close_for_shutdown(to_close.drain(..due - closed));
             }
-            if elapsed >= grace {
+            if over {
                 // Sockets admitted while the drain began (their upgrade was under way) too.
                 let late: Vec<u64> = self.conns.borrow().keys().copied().collect();
                 self.close_for_shutdown(late.into_iter());
             }
             self.conns.borrow().is_empty() || self.node.drain_over.load(Ordering::Acquire)
+        })
+        .await;
+        // This shard's connections are gone, but other shards' may still publish to channels
+        // homed here, join them, or wait for its barriers: it goes on serving the mesh until
+        // every shard is done (or the drain is over).
+        let done = self.node.shards_drained.fetch_add(1, Ordering::AcqRel) + 1;
+        if done == self.node.shards {
+            self.node.wake_shards();
+        }
+        self.wait_for(|| {
+            self.node.shards_drained.load(Ordering::Acquire) >= self.node.shards
+                || self.node.drain_over.load(Ordering::Acquire)
         })
         .await;
     }

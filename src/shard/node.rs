@@ -40,6 +40,12 @@ pub struct Node {
     pub shutdown: AtomicBool,
     /// The drain after a shutdown request is over: shards stop waiting for connections to close.
     pub drain_over: AtomicBool,
+    /// When the drain began, on the signal thread's clock (set before `shutdown`).
+    pub drain_started: std::sync::OnceLock<Instant>,
+    /// The spread of the 4200 closes is over: every connection left is closed now.
+    pub spread_over: AtomicBool,
+    /// Shards whose connections are all gone; each keeps serving the mesh until all are.
+    pub shards_drained: AtomicUsize,
     /// Connections closed as slow consumers (4100).
     pub slow_consumer_closes: AtomicU64,
     /// Panics caught while handling one connection (that connection was closed).
@@ -119,6 +125,9 @@ impl Node {
             connections: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             drain_over: AtomicBool::new(false),
+            drain_started: std::sync::OnceLock::new(),
+            spread_over: AtomicBool::new(false),
+            shards_drained: AtomicUsize::new(0),
             slow_consumer_closes: AtomicU64::new(0),
             contained_panics: AtomicU64::new(0),
             pending_connections: AtomicUsize::new(0),
