@@ -48,6 +48,8 @@ impl Changes {
 /// The apps, by slot.
 pub struct AppTable {
     slots: Box<[ArcSwap<AppConfig>]>,
+    /// What a slot out of range reads as.
+    nothing: Arc<AppConfig>,
     /// Slots ever given to an app (the rest are free).
     used: Mutex<Vec<bool>>,
     index: ArcSwap<Index>,
@@ -72,6 +74,7 @@ impl AppTable {
         let used = (0..capacity).map(|i| i < apps.len()).collect();
         AppTable {
             slots,
+            nothing: unused,
             used: Mutex::new(used),
             index: ArcSwap::from_pointee(index),
         }
@@ -87,7 +90,7 @@ impl AppTable {
     pub fn get(&self, slot: u32) -> AppRef {
         match self.slots.get(slot as usize) {
             Some(app) => app.load(),
-            None => self.slots[self.slots.len() - 1].load(),
+            None => Guard::from_inner(self.nothing.clone()),
         }
     }
 

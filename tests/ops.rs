@@ -317,3 +317,19 @@ fn a_cluster_node_drains_on_sigterm_and_reloads_on_sighup_instead_of_dying() {
         "a drained cluster node exits 0: {status:?}"
     );
 }
+
+#[test]
+fn silent_sockets_cannot_stop_the_operations_listener_for_long() {
+    let (_server, metrics) = server_with_metrics("");
+    let silent: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", metrics)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Beyond the slots: a quick 503, not a silent close.
+    let (status, _) = get(metrics, "/ready");
+    assert!(status == 503 || status == 200, "got {status}");
+    // The silent ones are dropped after 2 s; then health answers again.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(get(metrics, "/up"), (200, "OK".into()));
+    drop(silent);
+}

@@ -70,6 +70,10 @@ fn feed(
     let Some(app) = node.app_by_id(&app_id) else {
         return Err(ApiError::new(404, format!("Unknown app {app_id}")));
     };
+    // A removed app's slot reads as disabled (and has no credentials to check).
+    if !node.app(app).enabled {
+        return Err(ApiError::new(403, "Application disabled"));
+    }
     authenticate(app, path)?;
     let since = get(params, "since")
         .and_then(|s| s.parse().ok())

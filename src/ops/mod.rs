@@ -34,10 +34,11 @@ pub fn health(node: &Node, path: &str) -> Option<Reply> {
     })
 }
 
-/// Requests the operations listener serves at once; more connections are closed unanswered.
-const MAX_REQUESTS_AT_ONCE: usize = 8;
-/// Time a request on the operations listener may take, reading and writing included.
-const REQUEST_TIME: Duration = Duration::from_secs(5);
+/// Requests the operations listener serves at once; more connections get an immediate 503.
+const MAX_REQUESTS_AT_ONCE: usize = 16;
+/// Time a request on the operations listener may take, reading and writing included (a scraper
+/// or a health check sends its request at once: a silent socket only holds a slot this long).
+const REQUEST_TIME: Duration = Duration::from_secs(2);
 /// Longest request head read on the operations listener.
 const MAX_HEAD: usize = 8 * 1024;
 
@@ -68,6 +69,12 @@ pub fn serve(listener: TcpListener, node: Arc<Node>) -> io::Result<SocketAddr> {
                 };
                 if busy.fetch_add(1, Ordering::AcqRel) >= MAX_REQUESTS_AT_ONCE {
                     busy.fetch_sub(1, Ordering::AcqRel);
+                    // Told at once, never waited for: one non-blocking write of a short answer.
+                    let mut stream = stream;
+                    if stream.set_nonblocking(true).is_ok() {
+                        let busy = "Too many requests at once on this port; retry";
+                        let _ = send(&mut stream, 503, "text/plain", busy);
+                    }
                     continue;
                 }
                 let (node, in_flight) = (node.clone(), busy.clone());

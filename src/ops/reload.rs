@@ -71,6 +71,12 @@ fn reloadable(old: Option<&AppConfig>, new: &AppConfig) -> Result<(), String> {
         Some(old) if hooks(old) != hooks(new) => {
             Err("changes to webhooks, batch_webhooks or event_stream need a restart".into())
         }
+        // The webhooks' requests are signed with the key and secret of the start.
+        Some(old)
+            if !old.webhooks.is_empty() && (old.key != new.key || old.secret != new.secret) =>
+        {
+            Err("a new key or secret of an app with webhooks needs a restart".into())
+        }
         _ => Ok(()),
     }
 }

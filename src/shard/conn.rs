@@ -187,7 +187,9 @@ impl Conn {
     /// Queues a frame and wakes the socket's task to write it; returns false (and starts a 4100
     /// close) when the socket is a slow consumer.
     pub fn send(&self, frame: Rc<[u8]>, max_queued: usize) -> bool {
-        crate::metrics::here().frames_delivered.inc();
+        if !self.is_closing() {
+            crate::metrics::here().frames_delivered.inc();
+        }
         let ok = self.queue(frame, max_queued);
         self.wake();
         ok

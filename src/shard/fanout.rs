@@ -52,20 +52,21 @@ impl Fanout {
             let local = self.subscribers.borrow();
             let mut dirty = self.dirty.borrow_mut();
             let mut slow = 0u64;
-            let subscribers = local.subscribers(key);
-            crate::metrics::here()
-                .frames_delivered
-                .add(subscribers.len() as u64);
-            for conn in subscribers {
-                if Some(conn.id) == except {
+            let mut queued = 0u64;
+            for conn in local.subscribers(key) {
+                if Some(conn.id) == except || conn.is_closing() {
                     continue;
                 }
                 if !conn.queue(frame.clone(), max_queued) {
                     slow += 1;
-                } else if !conn.dirty.replace(true) {
+                    continue;
+                }
+                queued += 1;
+                if !conn.dirty.replace(true) {
                     dirty.push(conn.clone());
                 }
             }
+            crate::metrics::here().frames_delivered.add(queued);
             slow
         };
         if let Some(w) = self.flusher_waker.borrow_mut().take() {

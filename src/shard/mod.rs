@@ -95,7 +95,7 @@ pub struct Shard {
     /// The link's state as last logged (None: not yet).
     cluster_link_up: Cell<Option<bool>>,
     /// The slots of the apps whose counts the last heartbeat gave, in its order.
-    heartbeat_apps: RefCell<Vec<u32>>,
+    heartbeat_apps: RefCell<std::collections::VecDeque<Vec<u32>>>,
     /// `handle_own_messages` is running (it never nests).
     handling_own: Cell<bool>,
     /// Webhook events waiting to be handed to the hub (a single node).
@@ -156,7 +156,7 @@ impl Shard {
             cluster_state_stale: Cell::new(false),
             heartbeat_answered: Cell::new(false),
             cluster_link_up: Cell::new(None),
-            heartbeat_apps: RefCell::new(Vec::new()),
+            heartbeat_apps: RefCell::new(std::collections::VecDeque::new()),
             open_tickets: RefCell::new(AHashMap::new()),
             webhook_outbox: outbox::Outbox::default(),
             read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES].into_boxed_slice()),

@@ -175,6 +175,8 @@ impl Shard {
                 self.reassert();
             }
             LinkEvent::Down(reason) => {
+                // The answers to heartbeats in flight are lost with the link.
+                self.heartbeat_apps.borrow_mut().clear();
                 // Nothing will confirm the held joins now: confirm them (local delivery works).
                 let held = std::mem::take(&mut *self.awaiting_subscription.borrow_mut());
                 for announcement in held.into_values().flatten() {

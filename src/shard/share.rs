@@ -323,7 +323,12 @@ impl Shard {
             (app.id.as_str(), count)
         });
         let cmd = cluster.state.heartbeat(self.node_life_ms(), counts);
-        *self.heartbeat_apps.borrow_mut() = capped.into_iter().map(|(slot, _)| slot).collect();
+        let mut sent = self.heartbeat_apps.borrow_mut();
+        // Answers come in order; a lost link loses its answers (at most a few are in flight).
+        if sent.len() >= 8 {
+            sent.pop_front();
+        }
+        sent.push_back(capped.into_iter().map(|(slot, _)| slot).collect());
         cmd
     }
 
@@ -436,7 +441,11 @@ impl Shard {
         let Some((registered, elsewhere)) = state::heartbeat_of(value) else {
             return;
         };
-        let apps = std::mem::take(&mut *self.heartbeat_apps.borrow_mut());
+        let apps = self
+            .heartbeat_apps
+            .borrow_mut()
+            .pop_front()
+            .unwrap_or_default();
         for (app, count) in apps.into_iter().zip(elsewhere) {
             let others = &self.node.app_connections_elsewhere[app as usize];
             others.store(count, Ordering::Relaxed);

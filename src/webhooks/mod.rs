@@ -72,12 +72,7 @@ impl AppHooks {
     fn of(app: &AppConfig) -> AppHooks {
         let hooks = app.webhooks.iter().map(|h| Hook {
             url: h.url.clone(),
-            shown: h
-                .url
-                .split(['?', '#'])
-                .next()
-                .unwrap_or_default()
-                .to_string(),
+            shown: crate::log::redact_url(h.url.split(['?', '#']).next().unwrap_or_default()),
             types: h.event_types.iter().fold(0, |bits, t| bits | t.bit()),
             starts_with: h.filter.channel_name_starts_with.clone(),
             ends_with: h.filter.channel_name_ends_with.clone(),
