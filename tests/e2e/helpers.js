@@ -5,7 +5,7 @@
 // port), resolving to the child process with its `port` once it listens. SHARDPUSH_BIN names
 // the binary (default: the debug build). With `{ captureStderr: true }` the server's stderr is
 // collected in `child.stderrText` (and still copied to this process's stderr) instead of inherited.
-const { spawn } = require('node:child_process');
+const { spawn, execFileSync } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
@@ -88,4 +88,18 @@ async function waitFor(what, predicate, ms = 5000) {
   }
 }
 
-module.exports = { startShardpush, pusherClient, authorizeAs, subscribed, waitFor };
+// A CA and a server certificate for 127.0.0.1/localhost in `dir`.
+function makeCertificates(dir) {
+  const openssl = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
+  openssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key',
+    '-out', 'ca.pem', '-days', '2', '-subj', '/CN=shardpush-e2e-ca');
+  openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'srv.key',
+    '-out', 'srv.csr', '-subj', '/CN=localhost');
+  fs.writeFileSync(path.join(dir, 'ext.cnf'),
+    'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n');
+  openssl('x509', '-req', '-in', 'srv.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial',
+    '-out', 'srv.pem', '-days', '2', '-extfile', 'ext.cnf');
+  return { ca: path.join(dir, 'ca.pem'), cert: path.join(dir, 'srv.pem'), key: path.join(dir, 'srv.key') };
+}
+
+module.exports = { startShardpush, pusherClient, authorizeAs, subscribed, waitFor, makeCertificates };

@@ -5,30 +5,17 @@
 // NODE_EXTRA_CA_CERTS, which Node reads at startup: the client runs in a child process.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { execFileSync, spawn } = require('node:child_process');
+const { spawn } = require('node:child_process');
 const fs = require('node:fs');
 const https = require('node:https');
 const os = require('node:os');
 const path = require('node:path');
 const readline = require('node:readline');
 const PusherServer = require('pusher');
-const { startShardpush } = require('./helpers');
+const { startShardpush, makeCertificates } = require('./helpers');
 
 const APP = { appId: 'tls-app', key: 'tls-key', secret: 'tls-secret' };
 
-// A CA and a server certificate for 127.0.0.1/localhost in `dir`.
-function makeCertificates(dir) {
-  const openssl = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
-  openssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key',
-    '-out', 'ca.pem', '-days', '2', '-subj', '/CN=shardpush-e2e-ca');
-  openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'srv.key',
-    '-out', 'srv.csr', '-subj', '/CN=localhost');
-  fs.writeFileSync(path.join(dir, 'ext.cnf'),
-    'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n');
-  openssl('x509', '-req', '-in', 'srv.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial',
-    '-out', 'srv.pem', '-days', '2', '-extfile', 'ext.cnf');
-  return { ca: path.join(dir, 'ca.pem'), cert: path.join(dir, 'srv.pem'), key: path.join(dir, 'srv.key') };
-}
 
 // The pusher-js client, in a child process trusting `ca`: prints one JSON line per happening
 // (state changes, the subscription, each `hello` event).

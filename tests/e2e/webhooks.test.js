@@ -9,10 +9,9 @@ const http = require('node:http');
 const https = require('node:https');
 const os = require('node:os');
 const path = require('node:path');
-const { execFileSync } = require('node:child_process');
 const { isDeepStrictEqual } = require('node:util');
 const PusherServer = require('pusher');
-const { startShardpush, pusherClient, authorizeAs, subscribed, waitFor } = require('./helpers');
+const { startShardpush, pusherClient, authorizeAs, subscribed, waitFor, makeCertificates } = require('./helpers');
 
 const APP = { appId: '424242', key: 'wh-key', secret: 'wh-secret' };
 const ALL_TYPES = [
@@ -436,15 +435,7 @@ test('filters and event_types choose what each webhook gets', async (t) => {
 
 test('https webhooks: delivered with [webhooks] ca_file, refused (and logged) without it', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'shardpush-e2e-tls-'));
-  const openssl = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
-  openssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key',
-    '-out', 'ca.pem', '-days', '2', '-subj', '/CN=test-ca');
-  openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'srv.key',
-    '-out', 'srv.csr', '-subj', '/CN=localhost');
-  fs.writeFileSync(path.join(dir, 'ext.cnf'),
-    'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n');
-  openssl('x509', '-req', '-in', 'srv.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial',
-    '-out', 'srv.pem', '-days', '2', '-extfile', 'ext.cnf');
+  makeCertificates(dir);
   const read = (f) => fs.readFileSync(path.join(dir, f));
   const rx = await startReceiver({ tls: { key: read('srv.key'), cert: read('srv.pem') } });
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
