@@ -256,10 +256,17 @@ fn a_channel_left_while_the_links_were_away_is_left_in_the_cluster_too() {
     drop(on_a);
     std::thread::sleep(Duration::from_millis(700));
     proxy.refuse.store(false, Ordering::SeqCst);
-    assert_eq!(
-        next_member_event(&mut watcher, Duration::from_secs(8)),
-        Some(("removed".to_owned(), "ua".to_owned()))
-    );
+    // Known race (seen once in CI under load, issue 12's note): the watcher, which joined on
+    // node B just after `ua` joined on node A, may get a late `member_added` for `ua` that its
+    // `subscription_succeeded` already listed. This test is about the departure: such a
+    // duplicate arrival is let through, anything else is not.
+    let departure = loop {
+        match next_member_event(&mut watcher, Duration::from_secs(8)) {
+            Some((kind, user)) if kind == "added" && user == "ua" => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(departure, Some(("removed".to_owned(), "ua".to_owned())));
     eventually("the channel is no longer occupied", || {
         let body = get_json(&b, &format!("/apps/{APP_ID}/channels"), &[]);
         body["channels"].get("gone").is_none()
