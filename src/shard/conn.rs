@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Write};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::Waker;
@@ -323,50 +323,25 @@ impl Conn {
         if let Some(tls) = &self.tls {
             return self.flush_tls(tls, fd);
         }
-        const MAX_IOV: usize = 64;
         let mut q = self.out.borrow_mut();
         while !q.frames.is_empty() {
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOV];
-            let mut count = 0;
-            for (i, frame) in q.frames.iter().take(MAX_IOV).enumerate() {
-                let start = if i == 0 { q.offset } else { 0 };
-                iov[i] = libc::iovec {
-                    iov_base: frame[start..].as_ptr() as *mut libc::c_void,
-                    iov_len: frame.len() - start,
-                };
-                count += 1;
-            }
-            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-            // SAFETY: the iovecs (and msghdr) point into frames that outlive the call. One frame,
-            // the usual fanout case, skips the msghdr copy-in of sendmsg.
-            let written = unsafe {
-                if count == 1 {
-                    libc::send(fd, iov[0].iov_base, iov[0].iov_len, flags)
-                } else {
-                    let mut msg: libc::msghdr = std::mem::zeroed();
-                    msg.msg_iov = iov.as_mut_ptr();
-                    msg.msg_iovlen = count;
-                    libc::sendmsg(fd, &msg, flags)
-                }
+            // One frame, the usual fanout case, is a `send`; several, one `sendmsg`.
+            let written = {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let count = q.pending(&mut slices);
+                FdWriter::new(fd).write_vectored(&slices[..count])
             };
-            if written < 0 {
-                let err = io::Error::last_os_error();
-                return match err.kind() {
-                    io::ErrorKind::WouldBlock => Ok(false),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(err),
-                };
+            match written {
+                Ok(n) => {
+                    crate::metrics::here().bytes_sent.add(n as u64);
+                    q.consume(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
-            crate::metrics::here().bytes_sent.add(written as u64);
-            q.consume(written as usize);
         }
-        // An idle socket keeps room for a few frames (no allocation per delivery), not a burst's.
-        if q.frames.capacity() > 4 {
-            q.frames = VecDeque::with_capacity(4);
-        }
+        q.shrink_when_empty();
         Ok(true)
     }
 
@@ -376,7 +351,6 @@ impl Conn {
     /// (`offset`), as a partly written one does on plain TCP, and its bytes stay counted in the
     /// queue until rustls has them.
     fn flush_tls(&self, tls: &TlsSession, fd: RawFd) -> io::Result<bool> {
-        const MAX_SLICES: usize = 64;
         let mut q = self.out.borrow_mut();
         loop {
             let mut out = FdWriter::new(fd);
@@ -390,12 +364,7 @@ impl Conn {
             }
             let taken = {
                 let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let mut count = 0;
-                for (i, frame) in q.frames.iter().take(MAX_SLICES).enumerate() {
-                    let start = if i == 0 { q.offset } else { 0 };
-                    slices[i] = IoSlice::new(&frame[start..]);
-                    count += 1;
-                }
+                let count = q.pending(&mut slices);
                 tls.encrypt(&slices[..count])?
             };
             if taken == 0 {
@@ -404,9 +373,7 @@ impl Conn {
             }
             q.consume(taken);
         }
-        if q.frames.capacity() > 4 {
-            q.frames = VecDeque::with_capacity(4);
-        }
+        q.shrink_when_empty();
         Ok(true)
     }
 
@@ -422,7 +389,29 @@ impl Conn {
     }
 }
 
+/// Frames handed to one write at most (an iovec each).
+const MAX_SLICES: usize = 64;
+
 impl OutQueue {
+    /// The unwritten bytes of the first frames, in order (the front one from `offset`), in
+    /// `slices`; returns how many.
+    fn pending<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_SLICES]) -> usize {
+        let mut count = 0;
+        for (i, frame) in self.frames.iter().take(MAX_SLICES).enumerate() {
+            let start = if i == 0 { self.offset } else { 0 };
+            slices[i] = IoSlice::new(&frame[start..]);
+            count += 1;
+        }
+        count
+    }
+
+    /// An idle socket keeps room for a few frames (no allocation per delivery), not a burst's.
+    fn shrink_when_empty(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > 4 {
+            self.frames = VecDeque::with_capacity(4);
+        }
+    }
+
     fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
         while n > 0 {
