@@ -66,15 +66,26 @@ pub const CLOSE_SLOTS: usize = CLOSE_CODES.len() + 1;
 
 /// The slot of `code` in a by-close-code counter.
 pub fn close_slot(code: u16) -> usize {
-    CLOSE_CODES
-        .iter()
-        .position(|&c| c == code)
-        .unwrap_or(CLOSE_CODES.len())
+    slot_in(&CLOSE_CODES, code)
 }
 
 /// The label of a by-close-code slot.
 pub fn close_label(slot: usize) -> String {
-    CLOSE_CODES
+    label_in(&CLOSE_CODES, slot)
+}
+
+/// The slot of `value` in a counter by the values of `named`: its place, or the last slot
+/// (`other`) for a value not named.
+fn slot_in(named: &[u16], value: u16) -> usize {
+    named
+        .iter()
+        .position(|&v| v == value)
+        .unwrap_or(named.len())
+}
+
+/// The label of a slot of a counter by the values of `named` (`other` for the last).
+fn label_in(named: &[u16], slot: usize) -> String {
+    named
         .get(slot)
         .map_or_else(|| "other".to_owned(), u16::to_string)
 }
@@ -168,17 +179,12 @@ pub const STATUS_SLOTS: usize = STATUSES.len() + 1;
 
 /// The slot of `status` in a by-status counter.
 pub fn status_slot(status: u16) -> usize {
-    STATUSES
-        .iter()
-        .position(|&s| s == status)
-        .unwrap_or(STATUSES.len())
+    slot_in(&STATUSES, status)
 }
 
 /// The label of a by-status slot.
 pub fn status_label(slot: usize) -> String {
-    STATUSES
-        .get(slot)
-        .map_or_else(|| "other".to_owned(), u16::to_string)
+    label_in(&STATUSES, slot)
 }
 
 /// One shard's counters and gauges (the process's are the sums over shards). Aligned so that
@@ -257,6 +263,20 @@ impl ShardMetrics {
     pub fn http_request(&self, route: Route, status: u16) {
         let r = Route::ALL.iter().position(|&x| x == route).unwrap_or(0);
         self.http_requests[r][status_slot(status)].inc();
+    }
+
+    /// The process's value of a per-app gauge (`pick` chooses which) for app slot `app`: the
+    /// sum over `shards`, never below 0.
+    pub fn app_total(
+        shards: &[&ShardMetrics],
+        pick: fn(&ShardMetrics) -> &[Gauge],
+        app: usize,
+    ) -> i64 {
+        let sum: i64 = shards
+            .iter()
+            .map(|m| pick(m).get(app).map_or(0, Gauge::get))
+            .sum();
+        sum.max(0)
     }
 
     /// Adds `n` to app `app`'s entry of a per-app gauge (apps beyond the table are ignored).

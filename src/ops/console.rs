@@ -8,6 +8,7 @@ use crate::feed::{Console, Note};
 use crate::http::api::Reply;
 use crate::http::signature::{get, Query};
 use crate::http::ApiError;
+use crate::metrics::ShardMetrics;
 use crate::shard::Node;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
@@ -80,18 +81,12 @@ fn feed(
         .unwrap_or(0);
     let (events, next) = console.read(app, since);
     let slot = app as usize;
-    let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> &[crate::metrics::Gauge]| {
-        node.metrics
-            .iter()
-            .map(|m| f(m).get(slot).map_or(0, |g| g.get()))
-            .sum::<i64>()
-            .max(0)
-    };
+    let sum = |pick| ShardMetrics::app_total(&node.metrics, pick, slot);
     let feed = Feed {
         connections: node.app_connections[slot].load(Ordering::Relaxed).into(),
-        channels: sum(&|m| &m.channels),
-        subscriptions: sum(&|m| &m.subscriptions),
-        presence_members: sum(&|m| &m.presence_members),
+        channels: sum(|m| &m.channels),
+        subscriptions: sum(|m| &m.subscriptions),
+        presence_members: sum(|m| &m.presence_members),
         events,
         next,
         not_shown: console.not_shown.load(Ordering::Relaxed),

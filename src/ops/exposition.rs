@@ -96,32 +96,29 @@ pub fn render(node: &Node) -> String {
     let pending = node.pending_connections.load(Ordering::Relaxed) as u64;
     out.sample("shardpush_pending_sockets", &[], pending);
 
-    let per_app = |name, help, f: &dyn Fn(&ShardMetrics) -> &[Gauge], out: &mut Out| {
+    let per_app = |name, help, pick: fn(&ShardMetrics) -> &[Gauge], out: &mut Out| {
         out.family(name, "gauge", help);
         for (slot, app) in &apps {
-            let n: i64 = shards
-                .iter()
-                .map(|m| f(m).get(*slot).map_or(0, Gauge::get))
-                .sum();
-            out.sample(name, &[("app", app)], n.max(0) as u64);
+            let n = ShardMetrics::app_total(shards, pick, *slot);
+            out.sample(name, &[("app", app)], n as u64);
         }
     };
     per_app(
         "shardpush_subscriptions",
         "Confirmed channel subscriptions of this node's connections, per app.",
-        &|m| &m.subscriptions,
+        |m| &m.subscriptions,
         &mut out,
     );
     per_app(
         "shardpush_channels",
         "Channels with at least one subscriber on this node, per app.",
-        &|m| &m.channels,
+        |m| &m.channels,
         &mut out,
     );
     per_app(
         "shardpush_presence_members",
         "Members of presence channels connected to this node, per app (summed over channels).",
-        &|m| &m.presence_members,
+        |m| &m.presence_members,
         &mut out,
     );
 
@@ -191,19 +188,12 @@ pub fn render(node: &Node) -> String {
         "Panics caught while serving one connection (that connection was closed).",
         node.contained_panics.load(Ordering::Relaxed),
     );
-    out.family(
+    out.per_shard(
         "shardpush_mesh_queue_depth",
-        "gauge",
         "Messages each shard has queued for the shards and not yet handed over.",
+        shards,
+        |m| &m.mesh_queue_depth,
     );
-    for (i, m) in shards.iter().enumerate() {
-        let depth = m.mesh_queue_depth.get().max(0) as u64;
-        out.sample(
-            "shardpush_mesh_queue_depth",
-            &[("shard", &i.to_string())],
-            depth,
-        );
-    }
     out.family(
         "shardpush_partial_message_bytes",
         "gauge",
@@ -251,15 +241,12 @@ pub fn render(node: &Node) -> String {
 }
 
 fn cluster(node: &Node, out: &mut Out) {
-    out.family(
+    out.per_shard(
         "shardpush_redis_link_up",
-        "gauge",
         "1 while the shard's Redis link is connected.",
+        &node.metrics,
+        |m| &m.redis_link_up,
     );
-    for (i, m) in node.metrics.iter().enumerate() {
-        let up = m.redis_link_up.get().max(0) as u64;
-        out.sample("shardpush_redis_link_up", &[("shard", &i.to_string())], up);
-    }
     let losses = node.metrics.iter().map(|m| m.redis_link_losses.get()).sum();
     out.counter(
         "shardpush_redis_link_losses_total",
@@ -284,6 +271,21 @@ struct Out(String);
 impl Out {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// A gauge each shard has one of, labelled with the shard's number.
+    fn per_shard(
+        &mut self,
+        name: &str,
+        help: &str,
+        shards: &[&ShardMetrics],
+        pick: fn(&ShardMetrics) -> &Gauge,
+    ) {
+        self.family(name, "gauge", help);
+        for (i, m) in shards.iter().enumerate() {
+            let value = pick(m).get().max(0) as u64;
+            self.sample(name, &[("shard", &i.to_string())], value);
+        }
     }
 
     fn counter(&mut self, name: &str, help: &str, value: u64) {
