@@ -84,8 +84,11 @@ fn reloadable(old: Option<&AppConfig>, new: &AppConfig) -> Result<(), String> {
 /// The settings outside `[[apps]]` that differ: they apply only at start.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
+    // Every key is either compared or named as handled elsewhere: the pattern lists them all
+    // (no `..`), so a key added to `Config` fails to compile here until it is placed.
     macro_rules! compare {
-        ($($key:ident),*) => {
+        ($($key:ident),* ; elsewhere: $($other:ident),*) => {
+            let Config { $($key: _,)* $($other: _,)* } = old;
             $(if old.$key != new.$key {
                 keys.push(stringify!($key));
             })*
@@ -115,7 +118,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ready_memory_limit_mb,
         tls_cert,
         tls_key,
-        console
+        console;
+        // The apps are what a reload applies; the cluster is compared below, without its
+        // generated node id; the rest is how this configuration was loaded.
+        elsewhere: apps, cluster, loaded_with, dev_app_fallback
     );
     // Without the node id, which is generated anew at each load when none is configured.
     let cluster = |c: &Config| {
