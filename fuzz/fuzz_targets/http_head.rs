@@ -96,6 +96,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(percent_decode(&percent_encode_all(&decoded)), decoded);
         }
     }
+    // The metrics label of every request (http `serve_requests`): one of a bounded set.
+    let route = shardpush::metrics::Route::of(&head.method, path);
+    assert!(shardpush::metrics::Route::ALL.contains(&route));
     let query = parse_query(raw_query);
     for (k, v) in &query {
         for s in [k, v] {
